@@ -1,0 +1,85 @@
+"""``kka``: the command-line entry point.
+
+    kka run [--config FILE] [--output DIR] [key.sub=value ...]   run KKA (embedded default without --config)
+    kka run --resume DIR                                         continue a run from its last completed stage
+    kka prepare models [--cache DIR]                             convert/build the local default models
+    kka config [--config FILE] [key.sub=value ...]               print the resolved config
+    kka report DIR                                               (re)write DIR/report.html
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from kka_ray.config import ConfigError, load_config
+
+logger = logging.getLogger("kka_ray")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kka", description="Key Knowledge Augmentation on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the KKA loop (the embedded default config without --config)")
+    run.add_argument("--config", "-c", help="YAML config file (default: the embedded default)")
+    run.add_argument("--output", "-o", help="run directory (default: run.output_dir or runs/<timestamp>)")
+    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last completed stage")
+    run.add_argument("overrides", nargs="*", help="config overrides, e.g. run.iterations=2 describer.temperature=0.8")
+
+    prep = sub.add_parser("prepare", help="prepare local models into the model cache")
+    prep.add_argument("what", choices=["models"], help="what to prepare")
+    prep.add_argument("--cache", help="model cache directory (default: paths.model_cache or $KKA_CACHE)")
+
+    cfg = sub.add_parser("config", help="print the resolved config as YAML")
+    cfg.add_argument("--config", "-c")
+    cfg.add_argument("overrides", nargs="*")
+
+    rep = sub.add_parser("report", help="(re)write report.html of a run directory")
+    rep.add_argument("run_dir")
+    return p
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kka_ray").setLevel(getattr(logging, level))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            from kka_ray.loop import KKARun
+
+            if args.resume:
+                if args.config or args.overrides:
+                    raise ConfigError("--resume continues a run with its own config.yaml: drop --config and overrides")
+                run = KKARun.resume(args.resume)
+            else:
+                run = KKARun.create(load_config(args.config, args.overrides), args.output)
+            _setup_logging(run.cfg.run.log_level)
+            out = run.execute()
+            print(f"run complete: {out}\n  metrics: {out / 'metrics.jsonl'}\n  report:  {out / 'report.html'}")
+        elif args.command == "prepare":
+            from kka_ray.config import KKAConfig
+            from kka_ray.prepare import prepare_models
+
+            _setup_logging("INFO")
+            cache = args.cache or str(KKAConfig().paths.cache_dir())
+            for name, path in prepare_models(cache).items():
+                print(f"{name}: {path}")
+        elif args.command == "config":
+            print(load_config(args.config, args.overrides).to_yaml(), end="")
+        elif args.command == "report":
+            from kka_ray.report import write_report
+
+            print(write_report(args.run_dir))
+    except (ConfigError, FileNotFoundError, FileExistsError) as err:
+        print(f"kka: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""``report.html`` of a run: AUROC per iteration against the baselines, and per-iteration grids
+of easy and hard anomalies (method.md Eq. 6) with the texts that produced them.
+
+Self-contained HTML: images are inline PNG data URIs and the chart is inline SVG, so the file
+can be copied off a cluster and opened anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+SCALE = 3  # upscale factor for small images (28 px Fashion-MNIST -> 84 px on screen)
+
+
+def _data_uri(png: bytes) -> str:
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(png))
+    if img.width < 96:
+        img = img.resize((img.width * SCALE, img.height * SCALE), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _grid(rows: list[dict[str, Any]], title: str) -> str:
+    if not rows:
+        return f"<h4>{html.escape(title)}: none</h4>"
+    cells = "".join(
+        f'<figure><img src="{_data_uri(r["image"])}" alt=""><figcaption>{html.escape(r["text"])}'
+        f'<br><small>d={r["distance"]:.3g} · adapter v{r["adapter_version"]}</small></figcaption></figure>'
+        for r in rows
+    )
+    return f'<h4>{html.escape(title)} ({len(rows)} shown)</h4><div class="grid">{cells}</div>'
+
+
+def auroc_chart(metrics: list[dict[str, Any]], baselines: dict[str, Any], width: int = 560, height: int = 260) -> str:
+    """Inline SVG: detector AUROC per iteration, baselines as dashed lines."""
+    pts = [(m["iteration"], m["auroc"]) for m in metrics if m.get("auroc") is not None]
+    base = {k: v["auroc"] for k, v in baselines.items() if isinstance(v, dict) and "auroc" in v}
+    values = [a for _, a in pts] + list(base.values())
+    if not values:
+        return "<p>No AUROC recorded yet.</p>"
+    lo, hi = min(values), max(values)
+    pad = max(0.01, (hi - lo) * 0.15)
+    lo, hi = max(0.0, lo - pad), min(1.0, hi + pad)
+    n = max([i for i, _ in pts] + [1])
+    x = lambda i: 50 + (width - 70) * (i / n)  # noqa: E731  iteration 0 = baselines
+    y = lambda a: 20 + (height - 50) * (1 - (a - lo) / (hi - lo or 1))  # noqa: E731
+    parts = [f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg" font-size="11">',
+             f'<line x1="50" y1="{height-30}" x2="{width-20}" y2="{height-30}" stroke="#888"/>',
+             f'<line x1="50" y1="20" x2="50" y2="{height-30}" stroke="#888"/>']
+    for t in range(5):
+        a = lo + (hi - lo) * t / 4
+        parts.append(f'<text x="4" y="{y(a)+4:.1f}">{a*100:.1f}</text>')
+    for i in range(0, n + 1):
+        parts.append(f'<text x="{x(i)-3:.1f}" y="{height-14}">{i}</text>')
+    colors = ["#d62728", "#2ca02c", "#9467bd", "#8c564b"]
+    for j, (name, a) in enumerate(sorted(base.items())):
+        c = colors[j % len(colors)]
+        parts.append(f'<line x1="50" x2="{width-20}" y1="{y(a):.1f}" y2="{y(a):.1f}" stroke="{c}" stroke-dasharray="5,4"/>')
+        parts.append(f'<text x="{width-150}" y="{y(a)-4:.1f}" fill="{c}">{html.escape(name)} (no anomalies) {a*100:.2f}</text>')
+    if pts:
+        poly = " ".join(f"{x(i):.1f},{y(a):.1f}" for i, a in pts)
+        parts.append(f'<polyline points="{poly}" fill="none" stroke="#1f77b4" stroke-width="2"/>')
+        for i, a in pts:
+            parts.append(f'<circle cx="{x(i):.1f}" cy="{y(a):.1f}" r="3" fill="#1f77b4"/>'
+                         f'<text x="{x(i)+5:.1f}" y="{y(a)-6:.1f}" fill="#1f77b4">{a*100:.2f}</text>')
+    parts.append(f'<text x="{width/2-40:.0f}" y="{height-2}">iteration</text></svg>')
+    return "".join(parts)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``<run_dir>/report.html`` from what the run directory holds now."""
+    from kka_ray.data.store import AnomalyStore
+    from kka_ray.config import load_config
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
+        if metrics_path.is_file() else []
+    baselines = json.loads((run_dir / "baselines.json").read_text()) if (run_dir / "baselines.json").is_file() else {}
+    store = AnomalyStore(run_dir / "anomalies")
+    n = cfg.report.grid_size
+    sections = []
+    for k in store.iterations():
+        table = store.read([k], columns=["text", "image", "distance", "is_hard", "adapter_version"])
+        rows = sorted(table.to_pylist(), key=lambda r: r["distance"])
+        hard = [r for r in rows if r["is_hard"]][:n]
+        easy = [r for r in rows if not r["is_hard"]][::-1][:n]
+        sections.append(f"<h3>Iteration {k}</h3>" + _grid(hard, "Hard (closest to normal)") + _grid(easy, "Easy (farthest)"))
+    head = ["iteration", "n_generated", "n_kept", "n_anomalies", "hard_fraction", "auroc", "aupr", "fpr95", "n_pairs"]
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))  # noqa: E731
+    table_html = "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(
+        "<tr>" + "".join(f"<td>{fmt(m.get(h))}</td>" for h in head) + "</tr>" for m in metrics) + "</table>"
+    base_html = "".join(f"<li>{html.escape(k)}: AUROC {v['auroc']*100:.2f}</li>" for k, v in baselines.items()
+                        if isinstance(v, dict) and "auroc" in v)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>KKA run {html.escape(run_dir.name)}</title>
+<style>body{{font-family:sans-serif;margin:24px;max-width:1200px}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} .grid{{display:flex;flex-wrap:wrap;gap:8px}}
+figure{{width:150px;margin:0;font-size:11px}} figure img{{image-rendering:pixelated;display:block}}</style></head><body>
+<h1>KKA run {html.escape(run_dir.name)}</h1>
+<p>Data: {html.escape(cfg.data.dataset)} normal classes {html.escape(str(cfg.data.normal_classes))};
+mode <b>{cfg.run.mode}</b>; {cfg.run.iterations} iterations; describer {html.escape(cfg.describer.model)};
+drawer {html.escape(cfg.drawer.model)}; detector {cfg.detector.name}.</p>
+<h2>Detector AUROC per iteration</h2>{auroc_chart(metrics, baselines)}<ul>{base_html}</ul>{table_html}
+<h2>Generated anomalies</h2>{''.join(sections) or '<p>None yet.</p>'}
+</body></html>"""
+    out = run_dir / "report.html"
+    out.write_text(page)
+    return out

@@ -1,0 +1,64 @@
+"""The config tree: the embedded default builds, overrides apply, bad keys/values name the field."""
+
+import pytest
+import yaml
+
+from kka_ray.config import ConfigError, KKAConfig, apply_overrides, load_config
+
+
+def test_embedded_default_loads_and_matches_model_defaults():
+    cfg = load_config()
+    assert cfg.run.iterations == 3
+    assert cfg.evaluator.eta == 1.0 and cfg.evaluator.eps == 1e-6
+    assert cfg.preference.beta == 0.1
+    assert cfg.evaluator.threshold == "max"
+    # every shipped field is a known field: a round trip through YAML gives the same tree
+    assert load_config().to_dict() == KKAConfig.model_validate(yaml.safe_load(cfg.to_yaml())).to_dict()
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config(overrides=["run.iterations=2", "run.mode=rep", "data.normal_classes=[3, 4]",
+                                 "describer.temperature=0.7", "run.output_dir=null"])
+    assert cfg.run.iterations == 2 and cfg.run.mode == "rep"
+    assert cfg.data.normal_classes == [3, 4]
+    assert cfg.describer.temperature == 0.7
+    assert cfg.run.output_dir is None
+
+
+@pytest.mark.parametrize("override, field", [
+    ("describer.temprature=0.5", "describer.temprature"),
+    ("run.iterations=0", "run.iterations"),
+    ("run.mode=both", "run.mode"),
+    ("evaluator.threshold=median", "evaluator.threshold"),
+    ("nosuchsection.x=1", "nosuchsection"),
+])
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=f"'{field}"):
+        load_config(overrides=[override])
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_overrides({}, ["run.iterations"])
+    with pytest.raises(ConfigError, match="is not a section"):
+        apply_overrides({"run": {"iterations": 3}}, ["run.iterations.x=1"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listy)
+
+
+def test_unknown_template_name_is_an_error():
+    with pytest.raises(ConfigError, match="describer"):
+        load_config(overrides=["describer.template=nonexistent"])
+    cfg = load_config(overrides=["describer.template='Write like this: {description}'"])
+    assert "{description}" in cfg.describer.template

@@ -1,0 +1,37 @@
+"""Detection metrics and stage accounting on hand-worked numbers."""
+
+import numpy as np
+import pytest
+
+from kka_ray.metrics import StageClock, cost_per_anomaly, detection_metrics
+
+
+def test_detection_metrics_by_hand():
+    # normals score 0.1, 0.4; anomalies 0.35, 0.8. Pairs (anomaly > normal): (0.35>0.1), (0.8>0.1),
+    # (0.8>0.4) = 3 of 4 -> AUROC 0.75.
+    m = detection_metrics(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
+    assert m["auroc"] == pytest.approx(0.75)
+    # ranking: 0.8 (A), 0.4 (N), 0.35 (A), 0.1 (N): AP = (1/1 + 2/3) / 2 = 0.8333
+    assert m["aupr"] == pytest.approx((1 + 2 / 3) / 2)
+    # TPR reaches 0.95 only at threshold 0.35, where one of two normals (0.4) is above: FPR 0.5
+    assert m["fpr95"] == pytest.approx(0.5)
+
+
+def test_detection_metrics_errors():
+    with pytest.raises(ValueError, match="both normal"):
+        detection_metrics(np.zeros(3), np.arange(3.0))
+    with pytest.raises(ValueError, match="not finite"):
+        detection_metrics(np.array([0, 1]), np.array([0.0, np.nan]))
+
+
+def test_stage_clock_and_cost():
+    clock = StageClock()
+    with clock.stage("draw", num_cpus=2, num_gpus=1):
+        pass
+    assert clock.seconds["draw"] >= 0
+    assert clock.cpu_seconds["draw"] == pytest.approx(2 * clock.seconds["draw"])
+    c = cost_per_anomaly({"gpu": 3600.0, "cpu": 7200.0}, {"gpu": 2.0, "cpu": 0.05}, n_anomalies=10, n_hard=4)
+    assert c["cost"] == pytest.approx(2.1)
+    assert c["cost_per_anomaly"] == pytest.approx(0.21)
+    assert c["cost_per_hard_anomaly"] == pytest.approx(0.525)
+    assert cost_per_anomaly({}, {"gpu": 1.0}, 0, 0)["cost_per_anomaly"] is None

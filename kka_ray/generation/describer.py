@@ -1,0 +1,154 @@
+"""The describer: the LLM ``L`` that writes textual anomalies (Eq. 3) and, after DPO, more hard ones (Eq. 8).
+
+A plain class that the engine runs as a resident Ray actor (``ray.remote(Describer)``) or
+as a Ray Data ``map_batches`` actor pool: the model is loaded once per actor, stays resident
+across iterations, and takes each new DPO adapter without a restart. Every kept
+description records the adapter version that wrote it.
+
+Input batch (columns of equal length): ``prompt_id``, ``prompt`` (the filled prompt
+template), ``description`` (the representative normal description it was built from),
+``cluster``, ``seed`` (the batch seed; rows with different seeds are sampled separately).
+Output batch: one row per kept description with ``prompt_id``, ``sample_idx`` (position
+among the prompt's n samples, stable when others are dropped), ``prompt``, ``description``,
+``cluster``, ``text``, ``adapter_version``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kka_ray.generation.parsing import DROP_REASONS, parse_descriptions
+
+if TYPE_CHECKING:
+    from kka_ray.config import DescriberSection
+
+logger = logging.getLogger(__name__)
+
+INPUT_COLUMNS = ("prompt_id", "prompt", "description", "cluster", "seed")
+OUTPUT_COLUMNS = ("prompt_id", "sample_idx", "prompt", "description", "cluster", "text", "adapter_version")
+_COUNT_KEYS = ("generated", "kept", *(f"dropped_{r}" for r in DROP_REASONS))
+
+
+def _zero_counts() -> dict[str, float]:
+    counts: dict[str, float] = {k: 0 for k in _COUNT_KEYS}
+    counts["generate_seconds"] = 0.0
+    return counts
+
+
+class Describer:
+    """Resident LLM + current LoRA adapter: prompts in, parsed anomaly descriptions out."""
+
+    def __init__(self, cfg: "DescriberSection", cache_dir: str | os.PathLike, device: str = "cpu") -> None:
+        from kka_ray.generation.text import make_text_generator
+
+        threads = cfg.resources.torch_threads
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(int(threads))
+        self.cfg = cfg
+        self.generator = make_text_generator(cfg, cache_dir, device)
+        self.iteration = 0
+        self._seen: set[str] = set()
+        self._total = _zero_counts()
+        self._iter = _zero_counts()
+
+    # ------------------------------------------------------------------ actor API
+
+    def ready(self) -> bool:
+        return True
+
+    def adapter_version(self) -> int:
+        return int(self.generator.adapter_version)
+
+    def load_adapter(self, path: str | None, version: int) -> int:
+        """Hot-swap to the adapter at ``path`` (``version`` 0: back to the base model)."""
+        if version == 0 or path is None:
+            self.generator.unload_adapter()
+        else:
+            self.generator.load_adapter(str(path), int(version))
+        return self.adapter_version()
+
+    def unload_adapter(self) -> int:
+        self.generator.unload_adapter()
+        return 0
+
+    def reset(self, iteration: int) -> None:
+        """Start iteration ``iteration``: forget the kept descriptions and the per-iteration counts."""
+        self.iteration = int(iteration)
+        self._seen.clear()
+        self._iter = _zero_counts()
+
+    def stats(self) -> dict[str, Any]:
+        """Cumulative counts at the top level (numbers only, so replicas' stats can be summed);
+        the current iteration's under ``"iteration_counts"``."""
+        out: dict[str, Any] = dict(self._total)
+        out["iteration_counts"] = dict(self._iter)
+        return out
+
+    # ------------------------------------------------------------------ generation
+
+    def describe(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [c for c in INPUT_COLUMNS if c not in batch]
+        if missing:
+            raise KeyError(
+                f"describer batch lacks columns {missing}; it needs {list(INPUT_COLUMNS)} "
+                f"(got {sorted(batch)})"
+            )
+        cols = {c: np.asarray(batch[c]) for c in INPUT_COLUMNS}
+        n_rows = len(cols["prompt"])
+        if any(len(v) != n_rows for v in cols.values()):
+            raise ValueError(f"describer batch columns differ in length: { {c: len(v) for c, v in cols.items()} }")
+        n = self.cfg.samples_per_prompt
+        version = self.adapter_version()
+        rows: list[tuple[int, int, str]] = []  # (input row, sample_idx, text)
+        counts: Counter = Counter()
+        start = time.perf_counter()
+        # Rows sharing a seed are sampled in one call, in input order.
+        for seed in dict.fromkeys(int(s) for s in cols["seed"]):
+            idx = [i for i in range(n_rows) if int(cols["seed"][i]) == seed]
+            raw = self.generator.generate([str(cols["prompt"][i]) for i in idx], n, seed)
+            for i, outputs in zip(idx, raw):
+                if len(outputs) != n:
+                    raise RuntimeError(f"text backend returned {len(outputs)} samples for a prompt, expected {n}")
+                parsed, drops = parse_descriptions(
+                    outputs,
+                    max_chars=self.cfg.max_chars,
+                    first_sentence_only=self.cfg.first_sentence_only,
+                    answer_prefix=self.cfg.answer_prefix,
+                    seen=self._seen,
+                )
+                counts.update(drops)
+                counts["generated"] += len(outputs)
+                rows.extend((i, k, text) for k, text in enumerate(parsed) if text is not None)
+        seconds = time.perf_counter() - start
+        counts["kept"] = len(rows)
+        for target in (self._total, self._iter):
+            target["generated"] += counts["generated"]
+            target["kept"] += counts["kept"]
+            for r in DROP_REASONS:
+                target[f"dropped_{r}"] += counts[r]
+            target["generate_seconds"] += seconds
+        if counts["generated"]:
+            logger.debug(
+                "describer: %d generated, %d kept, drops %s (adapter v%d, %.1fs)",
+                counts["generated"], counts["kept"], {r: counts[r] for r in DROP_REASONS if counts[r]}, version, seconds,
+            )
+        src = np.array([r[0] for r in rows], dtype=np.int64)
+        return {
+            "prompt_id": cols["prompt_id"][src],
+            "sample_idx": np.array([r[1] for r in rows], dtype=np.int64),
+            "prompt": cols["prompt"][src].astype(object),
+            "description": cols["description"][src].astype(object),
+            "cluster": cols["cluster"][src],
+            "text": np.array([r[2] for r in rows], dtype=object),
+            "adapter_version": np.full(len(rows), version, dtype=np.int64),
+        }
+
+    __call__ = describe  # so Ray Data can use the class directly in map_batches

@@ -1,0 +1,253 @@
+"""Text generation backends for the describer: prompts in, n sampled texts out, LoRA hot-swap.
+
+Implements the sampling side of Eq. 3 (textual anomalies from representative descriptions)
+and Eq. 8 (the same prompts through the DPO-updated LLM). Sampling, not greedy decoding
+(greedy repeats itself); the answer is started with the normal captions' own opening
+(``answer_prefix``, e.g. "a photo of a"), which made SmolLM2's outputs usable (method.md).
+
+``TransformersTextGenerator`` is the local default (CPU, batched ``generate``);
+``kka_ray.generation.vllm_text.VLLMTextGenerator`` is the GPU-cluster backend with the same
+interface. ``make_text_generator`` picks one from the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from kka_ray.generation.resolve import missing_model_message, resolve_model_path
+
+if TYPE_CHECKING:
+    from kka_ray.config import DescriberSection
+
+logger = logging.getLogger(__name__)
+
+# Adapter files are loaded from safetensors only: a pickled adapter_model.bin could run code.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+__all__ = [
+    "TextGenerator",
+    "TransformersTextGenerator",
+    "format_chat_prompt",
+    "make_text_generator",
+    "resolve_model_path",
+    "check_adapter_dir",
+]
+
+
+@runtime_checkable
+class TextGenerator(Protocol):
+    """What the describer needs from a backend."""
+
+    adapter_version: int  # 0 = the base model (L_ref), v >= 1 = the v-th DPO adapter
+
+    def generate(self, prompts: list[str], n: int, seed: int) -> list[list[str]]:
+        """``n`` sampled raw outputs (answer prefix included) per prompt, reproducible for ``seed``."""
+        ...
+
+    def load_adapter(self, path: str, version: int) -> None:
+        """Switch to the LoRA adapter saved at ``path`` (version 0: back to the base model)."""
+        ...
+
+    def unload_adapter(self) -> None:
+        """Back to the base model."""
+        ...
+
+
+def format_chat_prompt(tokenizer: Any, prompt: str, answer_prefix: str = "") -> str:
+    """The chat-formatted text the LLM continues: user message, assistant turn, answer prefix.
+
+    Also used by the DPO trainer (Eq. 7) so that training and sampling see the same text.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            "the tokenizer has no chat template: use an instruction-tuned model "
+            "(e.g. the default smollm2-135m-instruct) for the describer"
+        )
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    return text + answer_prefix
+
+
+def check_adapter_dir(path: str | os.PathLike) -> Path:
+    """Check that ``path`` is a peft LoRA adapter saved as safetensors; return it as a Path."""
+    p = Path(path).expanduser()
+    if not (p / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(
+            f"{str(p)!r} is not a LoRA adapter directory (no {ADAPTER_CONFIG}); pass the directory "
+            "the DPO trainer saved with save_pretrained"
+        )
+    if not (p / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(
+            f"{str(p)!r} has no {ADAPTER_WEIGHTS}; adapters are loaded from safetensors only "
+            "(re-save it with save_pretrained(safe_serialization=True))"
+        )
+    return p
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"dtype {name!r} is not one of float32, bfloat16, float16") from None
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} was asked for but torch sees no CUDA device; use device=cpu")
+    return device
+
+
+class TransformersTextGenerator:
+    """Batched sampling with ``transformers`` ``generate`` on a resident model; peft LoRA hot-swap."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        max_new_tokens: int = 40,
+        temperature: float = 0.9,
+        top_p: float = 0.95,
+        batch_size: int = 64,
+        answer_prefix: str = "a photo of a",
+        trust_remote_code: bool = False,
+    ) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if batch_size < 1 or max_new_tokens < 1:
+            raise ValueError("batch_size and max_new_tokens must be >= 1")
+        self.model_path = str(model_path)
+        self.device = _resolve_device(device)
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.batch_size = batch_size
+        self.answer_prefix = answer_prefix
+        self.adapter_version = 0
+        self._adapter_name: str | None = None
+        self._adapter_count = 0
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                self.model_path, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code
+            )
+        except OSError as err:
+            raise RuntimeError(f"could not load {self.model_path!r}: {err}") from err
+        self.tokenizer.padding_side = "left"  # decoder-only: pad on the left so answers line up
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = model.to(self.device).eval()
+        self._torch = torch
+        logger.info("text generator: %s on %s (%s)", self.model_path, self.device, dtype)
+
+    # ------------------------------------------------------------------ sampling
+
+    def chat_prompts(self, prompts: list[str]) -> list[str]:
+        return [format_chat_prompt(self.tokenizer, p, self.answer_prefix) for p in prompts]
+
+    def generate(self, prompts: list[str], n: int, seed: int) -> list[list[str]]:
+        if n < 1:
+            raise ValueError(f"n (samples per prompt) must be >= 1, got {n}")
+        torch = self._torch
+        texts = self.chat_prompts(list(prompts))
+        # batch_size counts generated sequences: each prompt contributes n of them.
+        per_chunk = max(1, self.batch_size // n)
+        torch.manual_seed(int(seed))
+        out: list[list[str]] = []
+        eos = self.tokenizer.eos_token_id
+        for start in range(0, len(texts), per_chunk):
+            chunk = texts[start : start + per_chunk]
+            enc = self.tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            with torch.inference_mode():
+                ids = self.model.generate(
+                    **enc,
+                    do_sample=True,
+                    temperature=self.temperature,
+                    top_p=self.top_p,
+                    top_k=0,  # nucleus sampling only, as vLLM does by default
+                    max_new_tokens=self.max_new_tokens,
+                    num_return_sequences=n,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=eos,
+                )
+            new = ids[:, enc["input_ids"].shape[1] :]  # rows: prompt-major, n per prompt
+            decoded = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+            for i in range(len(chunk)):
+                out.append([self.answer_prefix + d for d in decoded[i * n : (i + 1) * n]])
+        return out
+
+    # ------------------------------------------------------------------ LoRA hot-swap
+
+    def load_adapter(self, path: str, version: int) -> None:
+        """Activate the adapter at ``path`` on the resident base model; drop the previous one."""
+        if version == 0:
+            self.unload_adapter()
+            return
+        if version < 0:
+            raise ValueError(f"adapter version must be >= 0, got {version}")
+        adapter_dir = str(check_adapter_dir(path))
+        from peft import PeftModel
+
+        self._adapter_count += 1
+        name = f"kka_v{version}_{self._adapter_count}"  # unique, so reloading a version works
+        if self._adapter_name is None:
+            self.model = PeftModel.from_pretrained(self.model, adapter_dir, adapter_name=name, is_trainable=False)
+        else:
+            old = self._adapter_name
+            self.model.load_adapter(adapter_dir, adapter_name=name, is_trainable=False)
+            self.model.set_adapter(name)
+            self.model.delete_adapter(old)
+        self.model.to(self.device).eval()
+        self._adapter_name = name
+        self.adapter_version = int(version)
+        logger.info("describer adapter v%d loaded from %s", version, adapter_dir)
+
+    def unload_adapter(self) -> None:
+        """Remove the LoRA layers (unmerged): the resident model is the base model again."""
+        if self._adapter_name is not None:
+            self.model = self.model.unload().eval()
+            self._adapter_name = None
+        self.adapter_version = 0
+
+
+def make_text_generator(cfg: "DescriberSection", cache_dir: str | os.PathLike, device: str = "cpu") -> TextGenerator:
+    """Build the backend ``cfg.backend`` names, with the model resolved against ``cache_dir``."""
+    model_path = resolve_model_path(cfg.model, cache_dir)
+    common = dict(
+        dtype=cfg.dtype,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        answer_prefix=cfg.answer_prefix,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    if cfg.backend == "vllm":
+        from kka_ray.generation.vllm_text import VLLMTextGenerator
+
+        return VLLMTextGenerator(
+            model_path,
+            max_lora_rank=cfg.max_lora_rank,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            **common,
+        )
+    if cfg.backend == "transformers":
+        try:
+            return TransformersTextGenerator(model_path, device=device, batch_size=cfg.batch_size, **common)
+        except RuntimeError as err:
+            if "could not load" in str(err) and not Path(model_path).is_dir():
+                raise RuntimeError(missing_model_message(cfg.model, cache_dir) + f" ({err})") from err
+            raise
+    raise ValueError(f"describer.backend {cfg.backend!r} is not one of transformers, vllm")

@@ -1,0 +1,124 @@
+"""vLLM backend of the describer (Eq. 3, 8) for GPU clusters: same interface as the local one.
+
+One resident ``vllm.LLM`` engine with LoRA enabled. A new DPO adapter is a new
+``LoRARequest`` (name, int id = adapter version, path): vLLM loads it on the next request,
+so the engine takes the adapter without a restart. Prompts are chat-formatted with the
+model's own tokenizer plus the answer prefix (``format_chat_prompt``, shared with the local
+backend and the DPO trainer) and passed as token ids, so no special token is added twice.
+
+vllm is imported inside ``__init__``: it ships CUDA-only wheels (the ``gpu`` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from kka_ray.generation.text import check_adapter_dir, format_chat_prompt
+
+logger = logging.getLogger(__name__)
+
+GPU_EXTRA_MESSAGE = "the vllm backend needs the GPU extra: pip install 'kka-ray[gpu]'"
+
+# Per-prompt seeds are derived from the batch seed with this odd multiplier, so prompt i of
+# seed s and prompt j of seed t share a stream only if s*M + i == t*M + j.
+_SEED_STRIDE = 1_000_003
+
+
+class VLLMTextGenerator:
+    """Sampling with a resident vLLM engine; LoRA hot-swap by ``LoRARequest``."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "bfloat16",
+        max_new_tokens: int = 40,
+        temperature: float = 0.9,
+        top_p: float = 0.95,
+        answer_prefix: str = "a photo of a",
+        trust_remote_code: bool = False,
+        max_lora_rank: int = 16,
+        gpu_memory_utilization: float = 0.85,
+        **engine_kwargs,
+    ) -> None:
+        try:
+            import vllm
+            from vllm.lora.request import LoRARequest
+        except ImportError as err:
+            raise RuntimeError(GPU_EXTRA_MESSAGE) from err
+        from transformers import AutoTokenizer
+
+        self.model_path = str(model_path)
+        self.answer_prefix = answer_prefix
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.max_lora_rank = max_lora_rank
+        self.adapter_version = 0
+        self._lora = None
+        self._lora_count = 0
+        self._vllm = vllm
+        self._lora_request_cls = LoRARequest
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=trust_remote_code)
+        self.llm = vllm.LLM(
+            model=self.model_path,
+            enable_lora=True,
+            max_lora_rank=max_lora_rank,
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            trust_remote_code=trust_remote_code,
+            **engine_kwargs,
+        )
+        logger.info("vLLM describer engine: %s (%s)", self.model_path, dtype)
+
+    def generate(self, prompts: list[str], n: int, seed: int) -> list[list[str]]:
+        if n < 1:
+            raise ValueError(f"n (samples per prompt) must be >= 1, got {n}")
+        inputs = [
+            {"prompt_token_ids": self.tokenizer(format_chat_prompt(self.tokenizer, p, self.answer_prefix),
+                                                add_special_tokens=False)["input_ids"]}
+            for p in prompts
+        ]
+        params = [
+            self._vllm.SamplingParams(
+                n=n,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                max_tokens=self.max_new_tokens,
+                seed=(int(seed) * _SEED_STRIDE + i) % (2**31 - 1),
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate(inputs, params, lora_request=self._lora, use_tqdm=False)
+        return [[self.answer_prefix + c.text for c in out.outputs] for out in outputs]
+
+    def load_adapter(self, path: str, version: int) -> None:
+        if version == 0:
+            self.unload_adapter()
+            return
+        if version < 0:
+            raise ValueError(f"adapter version must be >= 0, got {version}")
+        adapter_dir = check_adapter_dir(path)
+        rank = json.loads((adapter_dir / "adapter_config.json").read_text()).get("r")
+        if isinstance(rank, int) and rank > self.max_lora_rank:
+            raise ValueError(
+                f"adapter {str(adapter_dir)!r} has LoRA rank {rank} > describer.max_lora_rank "
+                f"{self.max_lora_rank}; raise describer.max_lora_rank or lower preference.lora_r"
+            )
+        # vLLM caches adapters by int id: every load gets a fresh id, so a new adapter (even a
+        # re-saved one of the same version) is read from disk, never served from the cache.
+        self.unload_adapter()
+        self._lora_count += 1
+        self._lora = self._lora_request_cls(f"kka-v{version}-{self._lora_count}", self._lora_count, str(adapter_dir))
+        self.adapter_version = int(version)
+        logger.info("vLLM describer now uses adapter v%d from %s", version, adapter_dir)
+
+    def unload_adapter(self) -> None:
+        if self._lora is not None:
+            try:
+                self.llm.llm_engine.remove_lora(self._lora.lora_int_id)
+            except Exception as err:  # best effort: freeing the slot is an optimisation only
+                logger.debug("vLLM remove_lora failed: %s", err)
+        self._lora = None
+        self.adapter_version = 0

@@ -1,0 +1,229 @@
+"""Ray Train worker loop for Deep SAD (method.md Eq. 5; Ruff et al., ICLR 2020).
+
+``train_loop_per_worker`` runs inside each ``ray.train.torch.TorchTrainer`` worker (Ray
+Train v2). It reads its shard of the ``"train"`` Ray Dataset (columns ``x``: float tensor,
+``label``: semi-label in {-1, 0, +1}), then
+
+1. optionally pre-trains a bias-free autoencoder (sum-of-squares reconstruction loss) and
+   copies its encoder weights into phi,
+2. computes the centre ``c`` with one forward pass in eval mode, summing phi and counts
+   over all workers (``torch.distributed.all_reduce`` when the world size is > 1),
+3. trains phi with Adam on the Deep SAD loss for ``epochs`` epochs (DDP via
+   ``prepare_model``), reporting the mean loss per epoch; every worker reports the same
+   number of times, and the last report carries the checkpoint (rank 0 writes it):
+   ``model.safetensors`` (phi's state dict), ``center.safetensors`` and ``meta.json``
+   (config, input shape, loss history; Train v2 keeps metrics only with checkpoints).
+
+Report throttling: the Train v2 controller takes one result per worker per poll
+(``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s) through a queue of size 1, so reporting every
+epoch makes epochs shorter than 2 s wait for the controller. An epoch is therefore reported
+when at least ``MIN_REPORT_INTERVAL_S`` passed since the last report (rank 0 decides and the
+flag is summed with the epoch loss, so all workers report equally often), and always at the
+end; ``meta.json`` keeps every epoch's loss regardless.
+
+The checkpoint file helpers at the bottom are shared with :mod:`kka_ray.training.trainer`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from kka_ray.config import DeepSADSection
+from kka_ray.detectors.deep_sad.loss import center_from_sums, deep_sad_loss
+from kka_ray.detectors.deep_sad.torch_model import build_autoencoder, build_network
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+CENTER_FILE = "center.safetensors"
+META_FILE = "meta.json"
+CHECKPOINT_DIR_NAME = "deep_sad_final"
+FORMAT_VERSION = 1
+# Local shuffle buffer, in batches: enough to mix rows of neighbouring blocks (the trainer
+# already permutes array input once) without holding the whole shard in memory.
+SHUFFLE_BUFFER_BATCHES = 8
+LR_GAMMA = 0.1  # released code: MultiStepLR(gamma=0.1) at the milestones
+# Matches Train v2's default controller poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S = 2 s):
+# more frequent reports only block the worker (see module docstring).
+MIN_REPORT_INTERVAL_S = 2.0
+
+
+def deep_sad_fields(cfg: DeepSADSection) -> dict[str, Any]:
+    """The DeepSADSection fields of ``cfg`` (also of its Evaluator/Detector subclasses), JSON-ready."""
+    dumped = cfg.model_dump(mode="json")
+    return {k: dumped[k] for k in DeepSADSection.model_fields}
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _global_sum(values: list[float], device: torch.device, world_size: int) -> list[float]:
+    """Sum a few floats over all workers (identity on one worker)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """One Deep SAD worker; ``config``: ``deep_sad`` (DeepSADSection dict), ``in_shape``, ``seed``,
+    optional ``torch_threads``. Returns the loss history (Result.return_value on rank 0)."""
+    import ray.train
+    import ray.train.torch
+
+    t_start = time.perf_counter()
+    cfg = DeepSADSection.model_validate(config["deep_sad"])
+    in_shape = tuple(int(s) for s in config["in_shape"])
+    seed = int(config.get("seed", 0))
+    if config.get("torch_threads"):
+        torch.set_num_threads(int(config["torch_threads"]))
+    torch.manual_seed(seed)  # same init on every worker (DDP also broadcasts rank 0's weights)
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    shard = ray.train.get_dataset_shard("train")
+    dtypes = {"x": torch.float32, "label": torch.float32}
+
+    def batches(epoch: int | None):
+        shuffle = epoch is not None
+        return shard.iter_torch_batches(
+            batch_size=cfg.batch_size,
+            dtypes=dtypes,
+            local_shuffle_buffer_size=cfg.batch_size * SHUFFLE_BUFFER_BATCHES if shuffle else None,
+            local_shuffle_seed=(seed * 100_003 + epoch * 1_009 + rank) if shuffle else None,
+        )
+
+    history: list[dict[str, Any]] = []
+    net = build_network(cfg, in_shape)
+
+    # 1. optional autoencoder pre-training; its encoder initialises phi
+    if cfg.pretrain_autoencoder:
+        ae = ray.train.torch.prepare_model(build_autoencoder(cfg, in_shape))
+        opt = torch.optim.Adam(ae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        for epoch in range(cfg.ae_epochs):
+            t_epoch = time.perf_counter()
+            ae.train()
+            total, n = 0.0, 0
+            for batch in batches(epoch):
+                x = batch["x"]
+                if x.shape[0] < 2:  # BatchNorm cannot train on one row; shards are equal, so all skip alike
+                    continue
+                loss = ((ae(x) - x) ** 2).flatten(1).sum(1).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total, n = total + loss.item() * x.shape[0], n + x.shape[0]
+            total, n = _global_sum([total, n], device, world)
+            history.append({"stage": "pretrain", "epoch": epoch + 1, "loss": total / max(n, 1.0),
+                            "seconds": time.perf_counter() - t_epoch})
+            if rank == 0:
+                logger.info("Deep SAD AE pre-training epoch %d/%d: loss %.6f", epoch + 1, cfg.ae_epochs, history[-1]["loss"])
+        net.load_state_dict(_unwrap(ae).encoder.state_dict())
+        del ae, opt
+
+    net = ray.train.torch.prepare_model(net)
+    raw = _unwrap(net)
+
+    # 2. centre c: mean of phi over the training data (one pass, eval mode), summed over workers
+    raw.eval()
+    sum_phi = torch.zeros(cfg.rep_dim, dtype=torch.float64, device=device)
+    count = 0
+    with torch.no_grad():
+        for batch in batches(None):
+            phi = raw(batch["x"])
+            sum_phi += phi.sum(0).to(torch.float64)
+            count += phi.shape[0]
+    totals = _global_sum([*sum_phi.tolist(), float(count)], device, world)
+    center = center_from_sums(torch.tensor(totals[:-1]), totals[-1]).to(device)
+    num_samples = int(totals[-1])
+    if rank == 0:
+        logger.info("Deep SAD centre from %d samples (%.1f s into the worker)", num_samples, time.perf_counter() - t_start)
+
+    # 3. Deep SAD training
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.lr_milestones), gamma=LR_GAMMA)
+    last_report = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        t_epoch = time.perf_counter()
+        net.train()
+        total, n = 0.0, 0
+        for batch in batches(cfg.ae_epochs + epoch if cfg.pretrain_autoencoder else epoch):
+            x, labels = batch["x"], batch["label"]
+            if x.shape[0] < 2:
+                continue
+            dist_sq = ((net(x) - center) ** 2).sum(1)
+            loss = deep_sad_loss(dist_sq, labels, eta=cfg.eta, eps=cfg.eps)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, n = total + loss.item() * x.shape[0], n + x.shape[0]
+        sched.step()
+        due = float(rank == 0 and time.perf_counter() - last_report >= MIN_REPORT_INTERVAL_S)
+        total, n, due = _global_sum([total, n, due], device, world)
+        metrics = {"epoch": epoch + 1, "loss": total / max(n, 1.0)}
+        history.append({"stage": "deep_sad", **metrics, "seconds": time.perf_counter() - t_epoch})
+        if rank == 0:
+            logger.info("Deep SAD epoch %d/%d: loss %.6f", epoch + 1, cfg.epochs, metrics["loss"])
+        if epoch < cfg.epochs - 1:
+            if due > 0:
+                ray.train.report(metrics)
+                last_report = time.perf_counter()
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                meta = {
+                    "format_version": FORMAT_VERSION,
+                    "config": deep_sad_fields(cfg),
+                    "in_shape": list(in_shape),
+                    "history": history,
+                    "seed": seed,
+                    "world_size": world,
+                    "num_samples": num_samples,
+                    "loop_seconds": time.perf_counter() - t_start,  # worker-side wall, for cost accounting
+                }
+                write_checkpoint_files(tmp, raw.state_dict(), center, meta)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=CHECKPOINT_DIR_NAME)
+    return history
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoint files (safetensors + JSON; nothing is pickled)
+
+
+def write_checkpoint_files(
+    directory: str | os.PathLike, state_dict: dict[str, torch.Tensor], center: torch.Tensor, meta: dict[str, Any]
+) -> None:
+    """Write ``model.safetensors``, ``center.safetensors`` and ``meta.json`` into ``directory``."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    save_file(tensors, os.path.join(directory, MODEL_FILE), metadata={"format": "pt"})
+    save_file({"center": center.detach().cpu().to(torch.float32).contiguous()}, os.path.join(directory, CENTER_FILE))
+    with open(os.path.join(directory, META_FILE), "w") as fh:
+        json.dump(meta, fh, indent=1)
+
+
+def read_checkpoint_files(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, Any]]:
+    """Read what :func:`write_checkpoint_files` wrote; a missing file is a clear error."""
+    from safetensors.torch import load_file
+
+    missing = [f for f in (MODEL_FILE, CENTER_FILE, META_FILE) if not os.path.isfile(os.path.join(directory, f))]
+    if missing:
+        raise FileNotFoundError(f"{str(directory)!r} is not a Deep SAD checkpoint: missing {missing}")
+    with open(os.path.join(directory, META_FILE)) as fh:
+        meta = json.load(fh)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"Deep SAD checkpoint {str(directory)!r} has format_version {meta.get('format_version')!r}; expected {FORMAT_VERSION}")
+    return load_file(os.path.join(directory, MODEL_FILE)), load_file(os.path.join(directory, CENTER_FILE))["center"], meta

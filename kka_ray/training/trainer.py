@@ -1,0 +1,213 @@
+"""Run Deep SAD (method.md Eq. 5) through Ray Train and load the result for scoring.
+
+:func:`train_deep_sad` turns arrays (or takes a ready ``ray.data.Dataset`` with columns
+``x`` and ``label``, as the engine streams from the anomaly store) into the ``"train"``
+dataset of a ``ray.train.torch.TorchTrainer`` running
+:func:`kka_ray.training.deep_sad_loop.train_loop_per_worker`, and returns a
+:class:`DeepSADState`: phi rebuilt from the checkpoint's ``meta.json`` with weights from
+``model.safetensors``, the centre, the loss history and the checkpoint path.
+``DeepSADState.score`` gives ``||phi(x) - c||^2`` in-process (eval mode, CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from kka_ray.config import DeepSADSection
+
+if TYPE_CHECKING:
+    import ray.data
+    import torch
+
+logger = logging.getLogger(__name__)
+
+# Rows per Arrow block when arrays become a Ray Dataset: ~16 MB blocks at 1280-d float32
+# stream well and leave several blocks per worker for the equal split.
+TARGET_BLOCK_BYTES = 16 * 1024**2
+MIN_BLOCKS_PER_WORKER = 2
+# Local Ray cluster started when the caller has none (tests, notebooks).
+LOCAL_RAY_CPUS = 2
+DEFAULT_SCORE_BATCH = 1024
+VALID_LABELS = (-1, 0, 1)
+
+
+@dataclass
+class DeepSADState:
+    """A trained Deep SAD: phi (eval mode, CPU), centre c, config, input shape, loss history."""
+
+    network: "torch.nn.Module"
+    center: "torch.Tensor"
+    config: DeepSADSection
+    in_shape: tuple[int, ...]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint_path: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def score(self, x: np.ndarray, batch_size: int = DEFAULT_SCORE_BATCH) -> np.ndarray:
+        """``||phi(x) - c||^2`` per row of ``x`` (shape ``(n, *in_shape)``); float64."""
+        import torch
+
+        x = np.asarray(x)
+        if x.ndim < 1 or tuple(x.shape[1:]) != tuple(self.in_shape):
+            raise ValueError(f"score() expects an array shaped (n, {', '.join(map(str, self.in_shape))}), got {x.shape}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.network.eval()
+        out = np.empty(len(x), dtype=np.float64)
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32))
+                out[i : i + len(xb)] = ((self.network(xb) - self.center) ** 2).sum(1).double().numpy()
+        return out
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Write ``model.safetensors``, ``center.safetensors``, ``meta.json`` into ``directory``."""
+        from kka_ray.training.deep_sad_loop import FORMAT_VERSION, deep_sad_fields, write_checkpoint_files
+
+        meta = {**self.meta, "format_version": FORMAT_VERSION, "config": deep_sad_fields(self.config),
+                "in_shape": list(self.in_shape), "history": self.history}
+        write_checkpoint_files(directory, self.network.state_dict(), self.center, meta)
+        return str(directory)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "DeepSADState":
+        """Rebuild phi from ``meta.json`` and load weights and centre from safetensors."""
+        from kka_ray.detectors.deep_sad.torch_model import build_network
+        from kka_ray.training.deep_sad_loop import read_checkpoint_files
+
+        state_dict, center, meta = read_checkpoint_files(directory)
+        cfg = DeepSADSection.model_validate(meta["config"])
+        in_shape = tuple(int(s) for s in meta["in_shape"])
+        net = build_network(cfg, in_shape)
+        net.load_state_dict(state_dict, strict=True)
+        net.eval()
+        return cls(net, center, cfg, in_shape, list(meta.get("history", [])), str(directory), meta)
+
+
+def ensure_ray() -> None:
+    """Start a small local Ray cluster if the caller has not initialised Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        logger.warning(
+            "Ray is not initialised: starting a local cluster (num_cpus=%d, no dashboard); "
+            "call ray.init(...) first to use an existing cluster", LOCAL_RAY_CPUS,
+        )
+        ray.init(num_cpus=LOCAL_RAY_CPUS, include_dashboard=False)
+
+
+def arrays_to_dataset(x: np.ndarray, semi_labels: np.ndarray, num_workers: int = 1, seed: int = 0) -> "ray.data.Dataset":
+    """Rows ``(x, label)`` as a Ray Dataset of Arrow tensor blocks, in a seeded random order.
+
+    Permuting once here means every block mixes normals and anomalies, so the workers'
+    local shuffle buffers see both kinds (BatchNorm statistics need mixed batches).
+    """
+    import pyarrow as pa
+    import ray.data
+    from ray.data.extensions import ArrowTensorArray
+
+    x, labels = _check_arrays(x, semi_labels)
+    order = np.random.default_rng(seed).permutation(len(x))
+    x, labels = x[order], labels[order]
+    n_blocks = max(MIN_BLOCKS_PER_WORKER * num_workers, math.ceil(x.nbytes / TARGET_BLOCK_BYTES))
+    rows = max(1, math.ceil(len(x) / n_blocks))
+    tables = [
+        pa.table({"x": ArrowTensorArray.from_numpy(x[i : i + rows]), "label": pa.array(labels[i : i + rows])})
+        for i in range(0, len(x), rows)
+    ]
+    return ray.data.from_arrow(tables)
+
+
+def _check_arrays(x: np.ndarray, semi_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    labels = np.asarray(semi_labels)
+    if x.ndim < 2:
+        raise ValueError(f"x must be shaped (n, d) or (n, C, H, W), got {x.shape}")
+    if labels.shape != (len(x),):
+        raise ValueError(f"semi_labels must be shaped ({len(x)},) to match x, got {labels.shape}")
+    if len(x) < 2:
+        raise ValueError(f"Deep SAD needs at least 2 training rows (BatchNorm), got {len(x)}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"x has {int((~np.isfinite(x)).sum())} non-finite values; drop or fix those rows first")
+    bad = sorted(set(np.unique(labels).tolist()) - set(VALID_LABELS))
+    if bad:
+        raise ValueError(f"semi_labels must be +1 (normal), 0 (unlabeled) or -1 (anomaly); got {bad}")
+    return x, labels.astype(np.int64)
+
+
+def _dataset_in_shape(ds: "ray.data.Dataset") -> tuple[int, ...]:
+    schema = ds.schema()
+    names = list(schema.names) if schema is not None else []
+    if "x" not in names or "label" not in names:
+        raise ValueError(f"the Deep SAD dataset needs columns 'x' (float tensor) and 'label' (semi-label); it has {names}")
+    shape = getattr(schema.types[names.index("x")], "shape", None)
+    if not shape or any(s is None for s in shape):
+        raise ValueError("cannot read the per-row shape of column 'x' from the dataset schema; pass in_shape=")
+    return tuple(int(s) for s in shape)
+
+
+def train_deep_sad(
+    x: "np.ndarray | ray.data.Dataset",
+    semi_labels: np.ndarray | None,
+    cfg: DeepSADSection,
+    storage_path: str,
+    name: str,
+    seed: int = 0,
+    in_shape: Sequence[int] | None = None,
+) -> DeepSADState:
+    """Train Deep SAD with ``TorchTrainer`` on arrays (``x``, ``semi_labels``) or a Ray Dataset
+    (``x`` with columns ``x``/``label``, ``semi_labels=None``); return the loaded state.
+
+    A run directory ``storage_path/name`` that already exists is refused: Ray Train v2 would
+    resume it instead of training anew.
+    """
+    import ray.data
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from kka_ray.training.deep_sad_loop import deep_sad_fields, train_loop_per_worker
+
+    ensure_ray()
+    if isinstance(x, ray.data.Dataset):
+        if semi_labels is not None:
+            raise ValueError("pass semi_labels=None with a Ray Dataset: its 'label' column holds them")
+        ds = x
+        shape = tuple(int(s) for s in in_shape) if in_shape is not None else _dataset_in_shape(ds)
+    else:
+        if semi_labels is None:
+            raise ValueError("semi_labels is required with array input (+1 normal, 0 unlabeled, -1 anomaly)")
+        ds = arrays_to_dataset(x, semi_labels, cfg.num_workers, seed)
+        shape = tuple(int(s) for s in np.shape(x)[1:])
+
+    if "://" not in storage_path:
+        storage_path = os.path.abspath(os.path.expanduser(storage_path))
+        if os.path.exists(os.path.join(storage_path, name)):
+            raise FileExistsError(
+                f"run directory {os.path.join(storage_path, name)!r} exists; Ray Train would resume it. "
+                "Use a new name or delete the directory"
+            )
+    torch_threads = max(1, int(cfg.resources_per_worker.get("CPU", 1)))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"deep_sad": deep_sad_fields(cfg), "in_shape": list(shape), "seed": int(seed),
+                           "torch_threads": torch_threads},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=dict(cfg.resources_per_worker)),
+        run_config=RunConfig(storage_path=storage_path, name=name),
+        datasets={"train": ds},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Deep SAD run {name!r} finished without a checkpoint (see the Ray Train logs under {storage_path})")
+    with result.checkpoint.as_directory() as directory:
+        state = DeepSADState.load(directory)
+    state.checkpoint_path = result.checkpoint.path
+    last = state.history[-1]["loss"] if state.history else float("nan")
+    logger.info("Deep SAD run %s: %d epochs, final loss %.6f, checkpoint %s", name, cfg.epochs, last, state.checkpoint_path)
+    return state

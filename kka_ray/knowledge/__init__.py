@@ -1,0 +1,43 @@
+"""Key knowledge of the normal data (KKA, arXiv 2502.14880, Eq. 1-3).
+
+- ``features``: pretrained-backbone features and their normalisation (``f`` and ``z`` of Eq. 1)
+- ``mahalanobis``: Eq. 1, k-means + Mahalanobis normality score (also the SSD baseline)
+- ``selection``: Eq. 2, the most typical images' descriptions per cluster
+- ``prompts``: Eq. 3 prompt building from those descriptions
+- ``backbones``: loading/converting the pretrained backbones
+
+Names are exported lazily, so ``import kka_ray.knowledge`` does not import torch or sklearn.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "FeatureExtractor": "features",
+    "FeatureNormalizer": "features",
+    "FeatureBatchExtractor": "features",
+    "MahalanobisScorer": "mahalanobis",
+    "Representative": "selection",
+    "select_representatives": "selection",
+    "build_prompts": "prompts",
+    "resolve_template": "prompts",
+    "load_backbone": "backbones",
+    "prepare_efficientnet_lite0": "backbones",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kka_ray.knowledge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"kka_ray.knowledge.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,174 @@
+"""The image-generator interface of the drawer (Eq. 4, ``x_a = G(t_a)``) and its diffusers backend.
+
+``ImageGenerator`` is the one interface the engine uses: texts + seeds in, one PIL image per
+text out, deterministic per seed. ``DiffusersImageGenerator`` loads any diffusers text-to-image
+pipeline directory or hub id (SD-1.5, SD-Turbo, SDXL: ``DiffusionPipeline.from_pretrained``,
+never ``trust_remote_code``) or the project's own ``KKAPixelDiffusionPipeline``, chosen by the
+``_class_name`` in ``model_index.json``. Each image gets its own ``torch.Generator`` seeded
+with its seed, so an image depends on its text and seed, not on which batch it ran in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from kka_ray.config import DrawerSection
+
+logger = logging.getLogger(__name__)
+
+PIXEL_PIPELINE_CLASS = "KKAPixelDiffusionPipeline"
+_FIX = "run `kka prepare models` (it builds the default drawer) or set drawer.model=<pipeline dir or hub id>"
+# "owner/name" as the Hugging Face hub spells repository ids.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ImageModelError(FileNotFoundError):
+    """The drawer's model cannot be found or is not a loadable diffusers pipeline."""
+
+
+@runtime_checkable
+class ImageGenerator(Protocol):
+    """Texts + seeds in, one image per text out (same text and seed -> same image)."""
+
+    def generate(self, texts: list[str], seeds: list[int]) -> list[Image.Image]: ...
+
+
+def _resolve_model_path(name_or_path: str, cache_dir: str | os.PathLike) -> str:
+    """A local directory, else ``<cache_dir>/<name>``, else the string itself as a hub id.
+
+    Private stand-in for ``kka_ray.generation.text.resolve_model_path`` (same behaviour).
+    """
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        return str(local)
+    cached = Path(cache_dir).expanduser() / name_or_path
+    if cached.is_dir():
+        return str(cached)
+    return name_or_path
+
+
+def _read_model_index(path: str, model: str, cache_dir: str | os.PathLike) -> dict[str, Any]:
+    """``model_index.json`` of a local pipeline directory or a hub id, with a clear error when it is not one."""
+    local = Path(path)
+    if local.is_dir():
+        index = local / "model_index.json"
+        if not index.is_file():
+            raise ImageModelError(f"{local} is not a diffusers pipeline directory (no model_index.json): {_FIX}")
+        config = json.loads(index.read_text())
+        missing = [
+            name
+            for name, spec in config.items()
+            if not name.startswith("_") and isinstance(spec, list) and spec[0] is not None and not (local / name).is_dir()
+        ]
+        if missing:
+            raise ImageModelError(f"pipeline directory {local} lacks the component folder(s) {missing} listed in model_index.json: {_FIX}")
+        return config
+    if not _HUB_ID.match(path):
+        cached = "" if Path(model).is_absolute() else f", no {Path(cache_dir).expanduser() / model} in the model cache"
+        raise ImageModelError(f"drawer model {model!r}: no such directory{cached}, and not a hub id: {_FIX}")
+    from diffusers import DiffusionPipeline
+
+    try:
+        return dict(DiffusionPipeline.load_config(path))
+    except Exception as err:  # network, auth, missing repo: all end here
+        raise ImageModelError(f"cannot fetch model_index.json of hub model {path!r} ({type(err).__name__}: {err}): {_FIX}") from None
+
+
+def load_image_pipeline(model: str, cache_dir: str | os.PathLike, *, dtype: str = "float32"):
+    """Load the text-to-image pipeline named by ``model`` (local dir, cache name or hub id)."""
+    import torch
+    import diffusers
+
+    path = _resolve_model_path(model, cache_dir)
+    class_name = _read_model_index(path, model, cache_dir).get("_class_name")
+    torch_dtype = getattr(torch, dtype)
+    if class_name == PIXEL_PIPELINE_CLASS:
+        from kka_ray.generation.pixel_pipeline import KKAPixelDiffusionPipeline
+
+        pipeline_cls = KKAPixelDiffusionPipeline
+    else:
+        pipeline_cls = getattr(diffusers, str(class_name), None)
+        if not (isinstance(pipeline_cls, type) and issubclass(pipeline_cls, diffusers.DiffusionPipeline)):
+            raise ImageModelError(
+                f"{path}: model_index.json names pipeline class {class_name!r}, which is neither a diffusers "
+                f"pipeline nor {PIXEL_PIPELINE_CLASS} (custom code is never loaded): {_FIX}"
+            )
+        pipeline_cls = diffusers.DiffusionPipeline
+    try:
+        # safetensors only: weights are never unpickled.
+        pipe = pipeline_cls.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
+    except (OSError, ValueError) as err:
+        raise ImageModelError(f"cannot load the pipeline at {path} ({type(err).__name__}: {err}): {_FIX}") from None
+    logger.info("drawer model %s loaded from %s (%s, %s)", model, path, type(pipe).__name__, dtype)
+    return pipe
+
+
+class DiffusersImageGenerator:
+    """``ImageGenerator`` over a diffusers text-to-image pipeline, resident on one device."""
+
+    def __init__(
+        self,
+        model: str,
+        cache_dir: str | os.PathLike,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        num_inference_steps: int = 20,
+        guidance_scale: float = 3.0,
+        height: int | None = None,
+        width: int | None = None,
+    ):
+        self.model = model
+        self.device = device
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.height = height
+        self.width = width
+        self.pipeline = load_image_pipeline(model, cache_dir, dtype=dtype).to(device)
+        self.pipeline.set_progress_bar_config(disable=True)
+
+    def generate(self, texts: list[str], seeds: list[int]) -> list[Image.Image]:
+        """One image per text; image ``i`` is drawn from noise seeded with ``seeds[i]``."""
+        import torch
+
+        texts, seeds = list(texts), [int(s) for s in seeds]
+        if len(texts) != len(seeds):
+            raise ValueError(f"got {len(texts)} texts and {len(seeds)} seeds: pass one seed per text")
+        if not texts:
+            return []
+        # CPU generators: the same seed gives the same starting noise on every device.
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        out = self.pipeline(
+            prompt=texts,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            generator=generators,
+            height=self.height,
+            width=self.width,
+            output_type="pil",
+        )
+        return list(out.images)
+
+
+def make_image_generator(cfg: DrawerSection, cache_dir: str | os.PathLike, device: str = "cpu") -> ImageGenerator:
+    """The image generator that ``cfg`` (the ``drawer`` config section) names."""
+    if cfg.backend == "diffusers":
+        return DiffusersImageGenerator(
+            cfg.model,
+            cache_dir,
+            device=device,
+            dtype=cfg.dtype,
+            num_inference_steps=cfg.num_inference_steps,
+            guidance_scale=cfg.guidance_scale,
+            height=cfg.height,
+            width=cfg.width,
+        )
+    raise ValueError(f"unknown drawer.backend {cfg.backend!r}: use 'diffusers'")

@@ -42,17 +42,13 @@ class ImageGenerator(Protocol):
 
 
 def _resolve_model_path(name_or_path: str, cache_dir: str | os.PathLike) -> str:
-    """A local directory, else ``<cache_dir>/<name>``, else the string itself as a hub id.
+    """The shared resolver (local dir, cache name, hub id); a miss is left to the index check below."""
+    from kka_ray.generation.resolve import ModelNotFoundError, resolve_model_path
 
-    Private stand-in for ``kka_ray.generation.text.resolve_model_path`` (same behaviour).
-    """
-    local = Path(name_or_path).expanduser()
-    if local.is_dir():
-        return str(local)
-    cached = Path(cache_dir).expanduser() / name_or_path
-    if cached.is_dir():
-        return str(cached)
-    return name_or_path
+    try:
+        return resolve_model_path(name_or_path, cache_dir)
+    except ModelNotFoundError:
+        return name_or_path
 
 
 def _read_model_index(path: str, model: str, cache_dir: str | os.PathLike) -> dict[str, Any]:

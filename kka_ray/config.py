@@ -76,14 +76,23 @@ class DataSection(_Section):
     preset: Literal[
         None, "cifar100_superclass", "cifar100_fine", "oxford102", "ucm_caption"
     ] = None
-    normal_classes: list[int | str] = Field(default_factory=lambda: [0])
+    # Class indices or names; None: the dataset's default ([0]; ucm_caption: [0, 1]).
+    normal_classes: list[int | str] | None = Field(None, min_length=1)
     holdout_fraction: float = Field(0.1, gt=0, lt=1)
     max_normal_train: int | None = Field(None, ge=2)
     max_test: int | None = Field(None, ge=2)
     caption_templates: list[str] = Field(
         default_factory=lambda: ["a photo of a {name}.", "a picture of a {name}.", "an image of a {name}."]
     )
-    domain: str = "photos of clothing items"
+    # What the images show, for the describer's prompt; None: the dataset's default
+    # ("photos of clothing items", "photos of flowers", "aerial images of land use", ...).
+    domain: str | None = None
+    # Common side length for datasets of variable-size images (folder, oxford102, ucm_caption);
+    # None keeps the first image's size. Fashion-MNIST and CIFAR keep their native 28/32 px.
+    image_size: int | None = Field(128, ge=8)
+    captions_file: str = "captions.jsonl"  # folder: the JSONL inside data.path
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # folder without "split" fields: share held out as test
+    download: bool = True  # fashion_mnist: fetch from the canonical URL when no local copy exists
 
 
 class KnowledgeSection(_Section):
@@ -154,6 +163,9 @@ class DeepSADSection(_Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-6, ge=0)
     batch_size: int = Field(128, ge=1)
+    lr_milestones: list[int] = Field(
+        default_factory=list, description="epochs after which the LR is multiplied by 0.1 (paper: 50 or 40)"
+    )
     pretrain_autoencoder: bool = False
     ae_epochs: int = Field(10, ge=1)
     num_workers: int = Field(1, ge=1)
@@ -190,6 +202,14 @@ class PreferenceSection(_Section):
     batch_size: int = Field(4, ge=1)
     max_length: int = Field(256, ge=16)
     gradient_checkpointing: bool = False
+    # When the Eq. 6 threshold leaves no hard (or no easy) anomaly in an iteration, pair the
+    # closest third against the farthest third instead, so DPO still moves the describer
+    # toward harder texts (recorded as "relative_pairs" in metrics). Off = the paper's rule only.
+    relative_fallback: bool = True
+    # "base": L_ref is the base LLM with the adapter off (method.md Eq. 7). "previous_adapter":
+    # L_ref is the adapter this iteration starts from (TRL's default for a loaded adapter).
+    reference: Literal["base", "previous_adapter"] = "base"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     resources: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=1, torch_threads=2))
 

@@ -90,6 +90,8 @@ def init_ray(cfg: KKAConfig) -> bool:
             logging_level=level,
             log_to_driver=level <= logging.INFO,
         )
+    for name in ("ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.run.progress
     ctx.print_on_execution_start = False
@@ -271,6 +273,9 @@ class KKARun:
     def _train_deep_sad(self, section, normals: np.ndarray, anomalies: np.ndarray | None, name: str):
         from kka_ray.training.trainer import train_deep_sad
 
+        import shutil
+
+        shutil.rmtree(self.dir / "ray_train" / name, ignore_errors=True)  # a killed stage restarts clean
         x = normals if anomalies is None or len(anomalies) == 0 else np.concatenate([normals, anomalies])
         labels = np.full(len(normals), section.normal_label, dtype=np.int64)
         if anomalies is not None and len(anomalies):

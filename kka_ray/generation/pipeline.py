@@ -112,7 +112,8 @@ class ResidentPools:
         import ray
 
         return {
-            "describer": _sum_stats(ray.get([a.stats.remote() for a in self.describers])),
+            # the describer keeps cumulative counts and this iteration's under "iteration_counts"
+            "describer": _sum_stats([s.get("iteration_counts", s) for s in ray.get([a.stats.remote() for a in self.describers])]),
             "drawer": _sum_stats(ray.get([a.stats.remote() for a in self.drawers])),
         }
 
@@ -218,8 +219,10 @@ def run_generation(
         "n_generated": int(d.get("generated", 0)),
         "n_described": int(d.get("kept", 0)),
         "n_kept": int(w.get("kept", 0)),
-        "describer_drops": {k: v for k, v in d.items() if k not in ("generated", "kept")},
-        "drawer_drops": {k: v for k, v in w.items() if k not in ("drawn", "kept")},
+        "describer_drops": {k.removeprefix("dropped_"): v for k, v in d.items() if k.startswith("dropped_")},
+        "drawer_drops": {k: v for k, v in w.items() if k in ("blank", "invalid")},
+        "describe_seconds": round(d.get("generate_seconds", 0.0), 3),
+        "draw_seconds": round(w.get("seconds", 0.0), 3),
         "wall_seconds": wall,
     }
     logger.info("iteration %d generation: %s", iteration, result)

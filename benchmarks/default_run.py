@@ -1,0 +1,104 @@
+"""Benchmark the embedded default run: wall time per stage and peak memory.
+
+Runs ``kka run`` (the embedded default: 3 iterations, Fashion-MNIST, SmolLM2-135M-Instruct, the
+project's diffusion drawer) in a subprocess, samples the resident set size of the whole process
+tree (driver, raylet, Ray workers and actors) every half second, and writes
+``benchmarks/results/default_run.json`` with keys ``wall_seconds``, ``peak_rss_mb``,
+``iterations``, ``stages`` (stage name -> seconds), ``machine`` and the run's metrics.
+
+Goal: the whole default run within 15 minutes on 2 CPU cores (10 as the stretch).
+
+    python benchmarks/default_run.py [--output DIR] [key.sub=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "default_run.json"
+
+
+def tree_rss_mb(pid: int) -> float:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 2**20
+
+
+def machine() -> dict:
+    import psutil
+
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "processor": platform.processor() or platform.machine()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        pass
+    return info
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--output", help="run directory (default: a temporary directory)")
+    ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    out = Path(args.output or tempfile.mkdtemp(prefix="kka-bench-")) / "run"
+    cmd = [sys.executable, "-m", "kka_ray.cli", "run", "--output", str(out), *args.overrides]
+    print("running:", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    peak = 0.0
+    while proc.poll() is None:
+        peak = max(peak, tree_rss_mb(proc.pid))
+        time.sleep(0.5)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        print(f"kka run failed with exit code {proc.returncode}", file=sys.stderr)
+        return proc.returncode
+    stages = {p.stem: json.loads(p.read_text()).get("wall_seconds") for p in sorted((out / "stages").glob("*.json"))}
+    metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    per_kind: dict[str, float] = {}
+    for name, sec in stages.items():
+        kind = name.split(".")[-1]
+        per_kind[kind] = round(per_kind.get(kind, 0.0) + (sec or 0.0), 2)
+    result = {
+        "wall_seconds": round(wall, 1), "peak_rss_mb": round(peak, 1), "iterations": len(metrics),
+        "stages": stages, "stage_totals": per_kind, "machine": machine(),
+        "overrides": args.overrides,
+        "auroc": [m["auroc"] for m in metrics], "hard_fraction": [m["hard_fraction"] for m in metrics],
+        "n_kept": [m["n_kept"] for m in metrics],
+        "baselines": json.loads((out / "baselines.json").read_text()),
+        "goal_seconds": 900, "stretch_seconds": 600,
+    }
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.results).write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: result[k] for k in ("wall_seconds", "peak_rss_mb", "iterations", "stage_totals")}, indent=2))
+    print(f"saved {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -154,13 +154,17 @@ class DrawerSection(_Section):
 class DeepSADSection(_Section):
     network: Literal["mlp", "cnn"] = "mlp"
     input: Literal["features", "pixels"] = "features"
-    hidden_dims: list[int] = Field(default_factory=lambda: [256, 64])
-    rep_dim: int = Field(32, ge=1)
+    # On L2-normalised, standardised EfficientNet-Lite0 features (Fashion-MNIST one-class,
+    # class 0, no anomalies) a bias-free linear map to 256-d scored 89.8 AUROC after 10 epochs
+    # at lr 1e-4; one hidden layer of 512 scored 87.0, and [256, 64] at lr 1e-3 fell from 81 to
+    # 66 as training went on. For pixel inputs (network: cnn) use the LeNet encoder instead.
+    hidden_dims: list[int] = Field(default_factory=list)
+    rep_dim: int = Field(256, ge=1)
     eta: float = Field(1.0, gt=0)
     eps: float = Field(1e-6, gt=0)
     normal_label: Literal[0, 1] = 0
-    epochs: int = Field(20, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(10, ge=1)
+    lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-6, ge=0)
     batch_size: int = Field(128, ge=1)
     lr_milestones: list[int] = Field(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -93,7 +94,8 @@ def init_ray(cfg: KKAConfig) -> bool:
     for name in ("ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = cfg.run.progress
+    # Off a terminal Ray Data turns bars into periodic log lines: keep those quiet.
+    ctx.enable_progress_bars = cfg.run.progress and sys.stderr.isatty()
     ctx.print_on_execution_start = False
     return True
 

@@ -142,8 +142,14 @@ def resolve_device(device: str) -> str:
 
 
 def prompt_rows(prompts: list[dict[str, Any]], seed: int, iteration: int) -> list[dict[str, Any]]:
-    """Prompt rows for the stream, each with its own deterministic sampling seed."""
-    return [{**p, "seed": item_seed(seed, iteration, int(p["prompt_id"]))} for p in prompts]
+    """Prompt rows for the stream with the iteration's sampling seed.
+
+    One seed for all rows of an iteration: the describer samples rows that share a seed in one
+    batched call (batch 64 is about 3x faster than batch 4 on CPU), and batches are fixed by the
+    prompt order, so the texts stay reproducible.
+    """
+    s = item_seed(seed, iteration, 0)
+    return [{**p, "seed": s} for p in prompts]
 
 
 class _AddIds:

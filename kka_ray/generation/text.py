@@ -123,6 +123,7 @@ class TransformersTextGenerator:
         batch_size: int = 64,
         answer_prefix: str = "a photo of a",
         trust_remote_code: bool = False,
+        stop_at_newline: bool = False,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -151,6 +152,10 @@ class TransformersTextGenerator:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = model.to(self.device).eval()
         self._torch = torch
+        # One description per line: when only the first line is kept, stop sampling a sequence at
+        # its first newline (saves most of max_new_tokens on CPU).
+        newline = self.tokenizer.encode("\n", add_special_tokens=False)
+        self._stop_ids = newline if stop_at_newline and len(newline) == 1 else []
         logger.info("text generator: %s on %s (%s)", self.model_path, self.device, dtype)
 
     # ------------------------------------------------------------------ sampling
@@ -181,7 +186,7 @@ class TransformersTextGenerator:
                     max_new_tokens=self.max_new_tokens,
                     num_return_sequences=n,
                     pad_token_id=self.tokenizer.pad_token_id,
-                    eos_token_id=eos,
+                    eos_token_id=[eos, *self._stop_ids] if self._stop_ids else eos,
                 )
             new = ids[:, enc["input_ids"].shape[1] :]  # rows: prompt-major, n per prompt
             decoded = self.tokenizer.batch_decode(new, skip_special_tokens=True)
@@ -245,7 +250,8 @@ def make_text_generator(cfg: "DescriberSection", cache_dir: str | os.PathLike, d
         )
     if cfg.backend == "transformers":
         try:
-            return TransformersTextGenerator(model_path, device=device, batch_size=cfg.batch_size, **common)
+            return TransformersTextGenerator(model_path, device=device, batch_size=cfg.batch_size,
+                                             stop_at_newline=cfg.first_sentence_only, **common)
         except RuntimeError as err:
             if "could not load" in str(err) and not Path(model_path).is_dir():
                 raise RuntimeError(missing_model_message(cfg.model, cache_dir) + f" ({err})") from err

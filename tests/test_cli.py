@@ -1,0 +1,33 @@
+"""The `kka` command line: config printing, errors that name the field, help text."""
+
+import subprocess
+import sys
+
+import yaml
+
+from kka_ray.cli import main
+
+
+def test_config_prints_resolved_yaml(capsys):
+    assert main(["config", "run.iterations=5", "run.mode=rep"]) == 0
+    tree = yaml.safe_load(capsys.readouterr().out)
+    assert tree["run"]["iterations"] == 5 and tree["run"]["mode"] == "rep"
+
+
+def test_bad_override_exits_2_naming_the_field(capsys):
+    assert main(["config", "drawer.guidance=3"]) == 2
+    assert "config field 'drawer.guidance'" in capsys.readouterr().err
+    assert main(["run", "run.iterations=-1"]) == 2
+    assert "run.iterations" in capsys.readouterr().err
+
+
+def test_run_refuses_an_existing_run_directory(tmp_path, capsys):
+    (tmp_path / "state.json").write_text("{}")
+    assert main(["run", "--output", str(tmp_path)]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_console_script_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "kka_ray.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for cmd in ("run", "prepare", "config", "report"):
+        assert cmd in out

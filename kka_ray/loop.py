@@ -31,7 +31,7 @@ from kka_ray.config import KKAConfig, load_config
 from kka_ray.data.store import (
     AnomalyStore, Member, load_anomaly_set, save_anomaly_set, update_anomaly_set, write_json_atomic,
 )
-from kka_ray.metrics import StageClock, detection_metrics
+from kka_ray.metrics import detection_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,6 @@ class KKARun:
         self.name = self.dir.name
         self.state = RunState(self.dir)
         self.store = AnomalyStore(self.dir / "anomalies")
-        self.clock = StageClock()
         self.pools = None
         self._split = None
         self._features: dict[str, np.ndarray] | None = None
@@ -228,7 +227,7 @@ class KKARun:
         """Normal features, Eq. 1 scores, Eq. 2 representatives and the prompts."""
         from safetensors.numpy import save_file
 
-        from kka_ray.knowledge.features import FeatureExtractor, FeatureNormalizer
+        from kka_ray.knowledge.features import FeatureNormalizer
         from kka_ray.knowledge.mahalanobis import MahalanobisScorer
         from kka_ray.knowledge.prompts import build_prompts, resolve_template
         from kka_ray.knowledge.selection import select_representatives

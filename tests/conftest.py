@@ -3,7 +3,6 @@ tokenizers) and the real EfficientNet-Lite0 backbone, for end-to-end runs of the
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

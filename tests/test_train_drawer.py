@@ -7,7 +7,6 @@ an 8/16-channel UNet) and, for the shipped assets, the real MiniLM from its pack
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

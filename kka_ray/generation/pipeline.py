@@ -88,7 +88,7 @@ class ResidentPools:
         d_opts = role_options(cfg.describer.resources)
         w_opts = role_options(cfg.drawer.resources)
         describers = [
-            ray.remote(Describer).options(name=None, **d_opts).remote(cfg.describer, cache, device)
+            ray.remote(Describer).options(**d_opts).remote(cfg.describer, cache, device)
             for _ in range(cfg.describer.resources.replicas)
         ]
         drawers = [

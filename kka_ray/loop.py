@@ -31,7 +31,7 @@ from kka_ray.config import KKAConfig, load_config
 from kka_ray.data.store import (
     AnomalyStore, Member, load_anomaly_set, save_anomaly_set, update_anomaly_set, write_json_atomic,
 )
-from kka_ray.metrics import detection_metrics
+from kka_ray.metrics import detection_metrics, resource_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -435,7 +435,7 @@ class KKARun:
     # ------------------------------------------------------------------ metrics
     def metrics_row(self, k: int) -> dict[str, Any]:
         g, e, u, d, p = (self.stage_result(f"iter{k}.{s}") for s in ITERATION_STAGES)
-        return {
+        row = {
             "iteration": k, "mode": self.cfg.run.mode,
             "n_generated": g.get("n_generated", 0), "n_described": g.get("n_described", 0),
             "n_kept": g.get("n_kept", 0), "describer_drops": g.get("describer_drops", {}),
@@ -447,6 +447,11 @@ class KKARun:
             "adapter_version": g.get("adapter_version", 0),
             "stage_seconds": {s: r.get("wall_seconds") for s, r in zip(ITERATION_STAGES, (g, e, u, d, p))},
         }
+        row["resource_seconds"] = resource_seconds(self.cfg, row["stage_seconds"])
+        # what one kept anomaly and one hard anomaly cost in CPU-seconds this iteration
+        row["cpu_seconds_per_anomaly"] = row["resource_seconds"]["cpu"] / row["n_kept"] if row["n_kept"] else None
+        row["cpu_seconds_per_hard_anomaly"] = row["resource_seconds"]["cpu"] / row["n_hard"] if row["n_hard"] else None
+        return row
 
     def _write_metrics(self) -> None:
         """Rebuild metrics.jsonl from the completed iterations' stage records (idempotent)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -59,6 +59,30 @@ class StageClock:
     def as_dict(self) -> dict[str, dict[str, float]]:
         r = lambda d: {k: round(v, 3) for k, v in d.items()}  # noqa: E731
         return {"seconds": r(self.seconds), "cpu_seconds": r(self.cpu_seconds), "gpu_seconds": r(self.gpu_seconds)}
+
+
+def stage_resources(cfg: Any, stage: str) -> tuple[float, float]:
+    """(CPUs, GPUs) a stage of the loop holds, from the roles' declared Ray resources."""
+    if stage == "generate":
+        roles = (cfg.describer.resources, cfg.drawer.resources)
+        return (sum(r.num_cpus * r.replicas for r in roles), sum(r.num_gpus * r.replicas for r in roles))
+    if stage in ("evaluate", "detect", "baselines"):
+        sec = cfg.evaluator if stage == "evaluate" else cfg.detector
+        return (sec.num_workers * sec.resources_per_worker.get("CPU", 1.0),
+                sec.num_workers * (sec.resources_per_worker.get("GPU", 1.0) if sec.use_gpu else 0.0))
+    if stage == "preference":
+        return cfg.preference.resources.num_cpus, cfg.preference.resources.num_gpus
+    return 1.0, 0.0  # driver-side stages (prep, update)
+
+
+def resource_seconds(cfg: Any, stage_seconds: dict[str, float | None]) -> dict[str, float]:
+    """CPU- and GPU-seconds of a set of stages: declared resources x wall seconds."""
+    cpu = gpu = 0.0
+    for stage, sec in stage_seconds.items():
+        c, g = stage_resources(cfg, stage)
+        cpu += c * (sec or 0.0)
+        gpu += g * (sec or 0.0)
+    return {"cpu": round(cpu, 3), "gpu": round(gpu, 3)}
 
 
 def cost_per_anomaly(resource_seconds: dict[str, float], prices_per_hour: dict[str, float],

@@ -34,6 +34,8 @@ def test_two_iterations_fill_the_run_directory(tiny_cache, tmp_path, mode):
         assert r["n_generated"] == 4 * 3  # prompts x samples per prompt
         assert r["n_kept"] <= r["n_generated"]
         assert set(r["stage_seconds"]) == {"generate", "evaluate", "update", "detect", "preference"}
+        assert r["resource_seconds"]["cpu"] >= sum(r["stage_seconds"].values())  # every stage holds >= 1 CPU
+        assert r["cpu_seconds_per_anomaly"] == pytest.approx(r["resource_seconds"]["cpu"] / r["n_kept"])
     # add: the set grows by what each iteration kept
     assert rows[1]["n_anomalies"] == rows[0]["n_kept"] + rows[1]["n_kept"]
 

@@ -35,3 +35,17 @@ def test_stage_clock_and_cost():
     assert c["cost_per_anomaly"] == pytest.approx(0.21)
     assert c["cost_per_hard_anomaly"] == pytest.approx(0.525)
     assert cost_per_anomaly({}, {"gpu": 1.0}, 0, 0)["cost_per_anomaly"] is None
+
+
+def test_resource_seconds_from_declared_roles():
+    from kka_ray.config import load_config
+    from kka_ray.metrics import resource_seconds
+
+    secs = {"generate": 10.0, "evaluate": 4.0, "update": 1.0, "detect": 2.0, "preference": 5.0}
+    # default: describer 1 CPU + drawer 1 CPU while generating, 1 CPU for every other stage
+    # cpu = 2*10 + 4 + 1 + 2 + 5 = 32
+    assert resource_seconds(load_config(), secs) == {"cpu": 32.0, "gpu": 0.0}
+    gpu_cfg = load_config(overrides=["describer.resources.num_gpus=1", "describer.resources.replicas=2",
+                                     "drawer.resources.num_gpus=1", "evaluator.use_gpu=true", "evaluator.num_workers=4"])
+    # gpu = (1*2 + 1*1) * 10 + 4 workers * 1 GPU * 4 s = 46; cpu = (1*2 + 1)*10 + 4*1*4 + 1 + 2 + 5 = 54
+    assert resource_seconds(gpu_cfg, secs) == {"cpu": 54.0, "gpu": 46.0}

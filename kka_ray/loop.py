@@ -252,7 +252,7 @@ class KKARun:
                 "n_test": len(split.test), "n_prompts": len(prompts), "feature_dim": int(feats["train"].shape[1])}
 
     def _extractor(self):
-        from kka_ray.generation.pipeline import resolve_device
+        from kka_ray.devices import resolve_device
         from kka_ray.knowledge.features import FeatureExtractor
 
         k = self.cfg.knowledge
@@ -420,7 +420,7 @@ class KKARun:
         out = self.dir / "adapters" / f"iter_{k}"
         base = resolve_model_path(cfg.describer.model, str(cfg.paths.cache_dir()))
         task = ray.remote(dpo_remote_entry).options(**role_options(cfg.preference.resources), max_retries=0)
-        from kka_ray.generation.pipeline import resolve_device
+        from kka_ray.devices import resolve_device
 
         metrics = ray.get(task.remote(
             base_model=base, pairs=pairs, out_dir=str(out), cfg=cfg.preference,

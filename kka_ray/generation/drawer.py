@@ -71,8 +71,9 @@ class Drawer:
             raise ValueError(f"target_size must be positive, got {target_size!r}")
         if cfg.resources.torch_threads:
             torch.set_num_threads(cfg.resources.torch_threads)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        from kka_ray.devices import resolve_device
+
+        device = resolve_device(device)
         self.cfg = cfg
         self.target_hw = (int(height), int(width))
         self.target_mode = target_mode

@@ -27,6 +27,7 @@ import numpy as np
 
 from kka_ray.config import KKAConfig, RoleResources
 from kka_ray.data.store import anomaly_id, item_seed
+from kka_ray.devices import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -131,14 +132,6 @@ def _sum_stats(items: list[dict[str, int]]) -> dict[str, int]:
             if isinstance(v, (int, float)):
                 out[k] = out.get(k, 0) + v
     return out
-
-
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def prompt_rows(prompts: list[dict[str, Any]], seed: int, iteration: int) -> list[dict[str, Any]]:

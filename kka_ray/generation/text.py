@@ -98,16 +98,6 @@ def _torch_dtype(name: str):
         raise ValueError(f"dtype {name!r} is not one of float32, bfloat16, float16") from None
 
 
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} was asked for but torch sees no CUDA device; use device=cpu")
-    return device
-
-
 class TransformersTextGenerator:
     """Batched sampling with ``transformers`` ``generate`` on a resident model; peft LoRA hot-swap."""
 
@@ -131,7 +121,9 @@ class TransformersTextGenerator:
         if batch_size < 1 or max_new_tokens < 1:
             raise ValueError("batch_size and max_new_tokens must be >= 1")
         self.model_path = str(model_path)
-        self.device = _resolve_device(device)
+        from kka_ray.devices import resolve_device
+
+        self.device = resolve_device(device)
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p

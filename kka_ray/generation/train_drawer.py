@@ -146,18 +146,6 @@ class DrawerTrainingConfig:
     log_every: int = 50
 
 
-def _pick_device(device: str):
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but CUDA is not available: use --device cpu or auto")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"device must be cpu, cuda[:N] or auto, got {device!r}")
-    return torch.device(device)
-
-
 def encode_captions(text_encoder, tokenizer, captions: Sequence[str], max_length: int, batch_size: int = 64):
     """MiniLM token states ``(N, max_length, hidden)`` and masks ``(N, max_length)``, tokenized as the pipeline does."""
     import torch
@@ -318,7 +306,9 @@ def train_pixel_drawer(
         raise ValueError(f"steps, batch_size must be >= 1 and lr > 0, got {cfg.steps}, {cfg.batch_size}, {cfg.lr}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    dev = _pick_device(cfg.device)
+    from kka_ray.devices import resolve_device
+
+    dev = torch.device(resolve_device(cfg.device))
     torch.manual_seed(cfg.seed)
     cache = Path(cache_dir).expanduser() if cache_dir else Path("~/.cache/kka_ray/models").expanduser()
     te_dir = prepare_minilm(cache)

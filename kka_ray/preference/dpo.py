@@ -133,16 +133,6 @@ def _deepspeed_process_state(enabled: bool) -> Iterator[None]:
         os.environ.update(saved_env)
 
 
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
-    return device
-
-
 def _load_policy(base_model: str, cfg: PreferenceSection, prev_adapter: str | None, trust_remote_code: bool):
     """Base LLM + tokenizer + a trainable LoRA adapter (fresh, or continued from ``prev_adapter``)."""
     import torch
@@ -271,7 +261,9 @@ def run_dpo(
     """
     if not pairs:
         raise ValueError("run_dpo got no preference pairs; skip DPO for this iteration instead")
-    device = _resolve_device(device)
+    from kka_ray.devices import resolve_device
+
+    device = resolve_device(device)
     t0 = time.perf_counter()
 
     from datasets import Dataset

@@ -11,8 +11,7 @@ Names are exported lazily, so ``import kka_ray.knowledge`` does not import torch
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from kka_ray._lazy import lazy_exports
 
 _EXPORTS = {
     "FeatureExtractor": "features",
@@ -28,16 +27,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kka_ray.knowledge' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"kka_ray.knowledge.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__ = lazy_exports(__name__, _EXPORTS)

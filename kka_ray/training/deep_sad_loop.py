@@ -26,10 +26,8 @@ The checkpoint file helpers at the bottom are shared with :mod:`kka_ray.training
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 import time
 from typing import Any
 
@@ -38,39 +36,28 @@ import torch
 from kka_ray.config import DeepSADSection
 from kka_ray.detectors.deep_sad.loss import center_from_sums, deep_sad_loss
 from kka_ray.detectors.deep_sad.torch_model import build_autoencoder, build_network
+from kka_ray.training.checkpoint import read_checkpoint, write_checkpoint
+from kka_ray.training.ray_fit import (
+    MIN_REPORT_INTERVAL_S, global_sum, read_val, report_final, unwrap, validation_auroc,
+)
 
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
+LAST_MODEL_FILE = "model_last.safetensors"  # the last epoch's phi, when validation chose another
 CENTER_FILE = "center.safetensors"
-META_FILE = "meta.json"
 CHECKPOINT_DIR_NAME = "deep_sad_final"
 FORMAT_VERSION = 1
 # Local shuffle buffer, in batches: enough to mix rows of neighbouring blocks (the trainer
 # already permutes array input once) without holding the whole shard in memory.
 SHUFFLE_BUFFER_BATCHES = 8
 LR_GAMMA = 0.1  # released code: MultiStepLR(gamma=0.1) at the milestones
-# Matches Train v2's default controller poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S = 2 s):
-# more frequent reports only block the worker (see module docstring).
-MIN_REPORT_INTERVAL_S = 2.0
 
 
 def deep_sad_fields(cfg: DeepSADSection) -> dict[str, Any]:
     """The DeepSADSection fields of ``cfg`` (also of its Evaluator/Detector subclasses), JSON-ready."""
     dumped = cfg.model_dump(mode="json")
     return {k: dumped[k] for k in DeepSADSection.model_fields}
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
-def _global_sum(values: list[float], device: torch.device, world_size: int) -> list[float]:
-    """Sum a few floats over all workers (identity on one worker)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-    return t.tolist()
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -104,6 +91,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
 
     history: list[dict[str, Any]] = []
     net = build_network(cfg, in_shape)
+    # "val" (optional, whole on every worker): held-out normals (label 0) and generated anomalies
+    # (label 1); the epoch with the best validation AUROC is kept, never one chosen on test.
+    val = read_val("val", {"x": torch.float32, "label": torch.float32})
 
     # 1. optional autoencoder pre-training; its encoder initialises phi
     if cfg.pretrain_autoencoder:
@@ -122,16 +112,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
                 loss.backward()
                 opt.step()
                 total, n = total + loss.item() * x.shape[0], n + x.shape[0]
-            total, n = _global_sum([total, n], device, world)
+            total, n = global_sum([total, n], device, world)
             history.append({"stage": "pretrain", "epoch": epoch + 1, "loss": total / max(n, 1.0),
                             "seconds": time.perf_counter() - t_epoch})
             if rank == 0:
                 logger.info("Deep SAD AE pre-training epoch %d/%d: loss %.6f", epoch + 1, cfg.ae_epochs, history[-1]["loss"])
-        net.load_state_dict(_unwrap(ae).encoder.state_dict())
+        net.load_state_dict(unwrap(ae).encoder.state_dict())
         del ae, opt
 
     net = ray.train.torch.prepare_model(net)
-    raw = _unwrap(net)
+    raw = unwrap(net)
 
     # 2. centre c: mean of phi over the training data (one pass, eval mode), summed over workers
     raw.eval()
@@ -142,7 +132,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
             phi = raw(batch["x"])
             sum_phi += phi.sum(0).to(torch.float64)
             count += phi.shape[0]
-    totals = _global_sum([*sum_phi.tolist(), float(count)], device, world)
+    totals = global_sum([*sum_phi.tolist(), float(count)], device, world)
     center = center_from_sums(torch.tensor(totals[:-1]), totals[-1]).to(device)
     num_samples = int(totals[-1])
     if rank == 0:
@@ -152,6 +142,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.lr_milestones), gamma=LR_GAMMA)
     last_report = time.perf_counter()
+    best: dict[str, Any] = {"epoch": None, "auroc": None, "state": None}
     for epoch in range(cfg.epochs):
         t_epoch = time.perf_counter()
         net.train()
@@ -168,8 +159,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
             total, n = total + loss.item() * x.shape[0], n + x.shape[0]
         sched.step()
         due = float(rank == 0 and time.perf_counter() - last_report >= MIN_REPORT_INTERVAL_S)
-        total, n, due = _global_sum([total, n, due], device, world)
+        total, n, due = global_sum([total, n, due], device, world)
         metrics = {"epoch": epoch + 1, "loss": total / max(n, 1.0)}
+        if val is not None:
+            metrics["val_auroc"] = _val_auroc(raw, center, val)
+            if metrics["val_auroc"] is not None and (best["auroc"] is None or metrics["val_auroc"] > best["auroc"]):
+                best = {"epoch": epoch + 1, "auroc": metrics["val_auroc"],
+                        "state": {k: v.detach().clone() for k, v in raw.state_dict().items()}}
         history.append({"stage": "deep_sad", **metrics, "seconds": time.perf_counter() - t_epoch})
         if rank == 0:
             logger.info("Deep SAD epoch %d/%d: loss %.6f", epoch + 1, cfg.epochs, metrics["loss"])
@@ -178,52 +174,51 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
                 ray.train.report(metrics)
                 last_report = time.perf_counter()
             continue
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                meta = {
-                    "format_version": FORMAT_VERSION,
-                    "config": deep_sad_fields(cfg),
-                    "in_shape": list(in_shape),
-                    "history": history,
-                    "seed": seed,
-                    "world_size": world,
-                    "num_samples": num_samples,
-                    "loop_seconds": time.perf_counter() - t_start,  # worker-side wall, for cost accounting
-                }
-                write_checkpoint_files(tmp, raw.state_dict(), center, meta)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=CHECKPOINT_DIR_NAME)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "config": deep_sad_fields(cfg),
+            "in_shape": list(in_shape),
+            "history": history,
+            "seed": seed,
+            "world_size": world,
+            "num_samples": num_samples,
+            "loop_seconds": time.perf_counter() - t_start,  # worker-side wall, for cost accounting
+            "selected_epoch": best["epoch"] or cfg.epochs,
+            "selected_val_auroc": best["auroc"],
+            "last_val_auroc": metrics.get("val_auroc"),
+        }
+        last_state = raw.state_dict()
+        selected = best["state"] if best["state"] is not None and best["epoch"] != cfg.epochs else None
+
+        report_final(metrics, rank, lambda d: write_checkpoint_files(
+            d, selected if selected is not None else last_state, center, meta,
+            last_state if selected is not None else None), CHECKPOINT_DIR_NAME)
     return history
+
+
+def _val_auroc(net: torch.nn.Module, center: torch.Tensor, val: dict[str, torch.Tensor]) -> float | None:
+    """Validation AUROC of ``||phi(x) - c||^2`` (eval mode), labels 1 = anomaly."""
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        x = val["x"].to(center.device)
+        scores = torch.cat([((net(x[i : i + 1024]) - center) ** 2).sum(1) for i in range(0, len(x), 1024)])
+    net.train(was_training)
+    return validation_auroc(scores.double().cpu().numpy(), val["label"].cpu().numpy())
 
 
 # ---------------------------------------------------------------------------------------
 # checkpoint files (safetensors + JSON; nothing is pickled)
 
 
-def write_checkpoint_files(
-    directory: str | os.PathLike, state_dict: dict[str, torch.Tensor], center: torch.Tensor, meta: dict[str, Any]
-) -> None:
-    """Write ``model.safetensors``, ``center.safetensors`` and ``meta.json`` into ``directory``."""
-    from safetensors.torch import save_file
-
-    os.makedirs(directory, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    save_file(tensors, os.path.join(directory, MODEL_FILE), metadata={"format": "pt"})
-    save_file({"center": center.detach().cpu().to(torch.float32).contiguous()}, os.path.join(directory, CENTER_FILE))
-    with open(os.path.join(directory, META_FILE), "w") as fh:
-        json.dump(meta, fh, indent=1)
+def write_checkpoint_files(directory: str | os.PathLike, state_dict: dict[str, torch.Tensor], center: torch.Tensor,
+                           meta: dict[str, Any], last_state: dict[str, torch.Tensor] | None = None) -> None:
+    """``model.safetensors`` (phi), ``center.safetensors``, ``meta.json`` (+ ``model_last.safetensors``)."""
+    write_checkpoint(directory, {MODEL_FILE: state_dict, CENTER_FILE: {"center": center.detach().to(torch.float32)},
+                                 LAST_MODEL_FILE: last_state}, meta)
 
 
 def read_checkpoint_files(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, Any]]:
     """Read what :func:`write_checkpoint_files` wrote; a missing file is a clear error."""
-    from safetensors.torch import load_file
-
-    missing = [f for f in (MODEL_FILE, CENTER_FILE, META_FILE) if not os.path.isfile(os.path.join(directory, f))]
-    if missing:
-        raise FileNotFoundError(f"{str(directory)!r} is not a Deep SAD checkpoint: missing {missing}")
-    with open(os.path.join(directory, META_FILE)) as fh:
-        meta = json.load(fh)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"Deep SAD checkpoint {str(directory)!r} has format_version {meta.get('format_version')!r}; expected {FORMAT_VERSION}")
-    return load_file(os.path.join(directory, MODEL_FILE)), load_file(os.path.join(directory, CENTER_FILE))["center"], meta
+    states, meta = read_checkpoint(directory, [MODEL_FILE, CENTER_FILE], "Deep SAD", FORMAT_VERSION)
+    return states[MODEL_FILE], states[CENTER_FILE]["center"], meta

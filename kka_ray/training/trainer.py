@@ -12,7 +12,6 @@ dataset of a ``ray.train.torch.TorchTrainer`` running
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from kka_ray.config import DeepSADSection
+from kka_ray.training import ray_fit
 
 if TYPE_CHECKING:
     import ray.data
@@ -27,12 +27,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Rows per Arrow block when arrays become a Ray Dataset: ~16 MB blocks at 1280-d float32
-# stream well and leave several blocks per worker for the equal split.
-TARGET_BLOCK_BYTES = 16 * 1024**2
-MIN_BLOCKS_PER_WORKER = 2
-# Local Ray cluster started when the caller has none (tests, notebooks).
-LOCAL_RAY_CPUS = 2
 DEFAULT_SCORE_BATCH = 1024
 VALID_LABELS = (-1, 0, 1)
 
@@ -48,9 +42,14 @@ class DeepSADState:
     history: list[dict[str, Any]] = field(default_factory=list)
     checkpoint_path: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # phi after the last epoch when validation selected an earlier one (``network``)
+    last_network: "torch.nn.Module | None" = None
 
-    def score(self, x: np.ndarray, batch_size: int = DEFAULT_SCORE_BATCH) -> np.ndarray:
-        """``||phi(x) - c||^2`` per row of ``x`` (shape ``(n, *in_shape)``); float64."""
+    def score(self, x: np.ndarray, batch_size: int = DEFAULT_SCORE_BATCH, which: str = "selected") -> np.ndarray:
+        """``||phi(x) - c||^2`` per row of ``x`` (shape ``(n, *in_shape)``); float64.
+
+        ``which="last"`` scores with the last epoch's phi (the same as ``"selected"`` unless a
+        validation split chose an earlier epoch)."""
         import torch
 
         x = np.asarray(x)
@@ -58,12 +57,15 @@ class DeepSADState:
             raise ValueError(f"score() expects an array shaped (n, {', '.join(map(str, self.in_shape))}), got {x.shape}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.network.eval()
+        if which not in ("selected", "last"):
+            raise ValueError(f"which must be 'selected' or 'last', got {which!r}")
+        net = self.last_network if which == "last" and self.last_network is not None else self.network
+        net.eval()
         out = np.empty(len(x), dtype=np.float64)
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
                 xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32))
-                out[i : i + len(xb)] = ((self.network(xb) - self.center) ** 2).sum(1).double().numpy()
+                out[i : i + len(xb)] = ((net(xb) - self.center) ** 2).sum(1).double().numpy()
         return out
 
     def save(self, directory: str | os.PathLike) -> str:
@@ -72,7 +74,8 @@ class DeepSADState:
 
         meta = {**self.meta, "format_version": FORMAT_VERSION, "config": deep_sad_fields(self.config),
                 "in_shape": list(self.in_shape), "history": self.history}
-        write_checkpoint_files(directory, self.network.state_dict(), self.center, meta)
+        last = self.last_network.state_dict() if self.last_network is not None else None
+        write_checkpoint_files(directory, self.network.state_dict(), self.center, meta, last)
         return str(directory)
 
     @classmethod
@@ -84,44 +87,26 @@ class DeepSADState:
         state_dict, center, meta = read_checkpoint_files(directory)
         cfg = DeepSADSection.model_validate(meta["config"])
         in_shape = tuple(int(s) for s in meta["in_shape"])
+        from kka_ray.training.deep_sad_loop import LAST_MODEL_FILE
+
         net = build_network(cfg, in_shape)
         net.load_state_dict(state_dict, strict=True)
         net.eval()
-        return cls(net, center, cfg, in_shape, list(meta.get("history", [])), str(directory), meta)
+        last = None
+        if os.path.isfile(os.path.join(directory, LAST_MODEL_FILE)):
+            from safetensors.torch import load_file
 
-
-def ensure_ray() -> None:
-    """Start a small local Ray cluster if the caller has not initialised Ray."""
-    import ray
-
-    if not ray.is_initialized():
-        logger.warning(
-            "Ray is not initialised: starting a local cluster (num_cpus=%d, no dashboard); "
-            "call ray.init(...) first to use an existing cluster", LOCAL_RAY_CPUS,
-        )
-        ray.init(num_cpus=LOCAL_RAY_CPUS, include_dashboard=False)
+            last = build_network(cfg, in_shape)
+            last.load_state_dict(load_file(os.path.join(directory, LAST_MODEL_FILE)), strict=True)
+            last.eval()
+        return cls(net, center, cfg, in_shape, list(meta.get("history", [])), str(directory), meta, last)
 
 
 def arrays_to_dataset(x: np.ndarray, semi_labels: np.ndarray, num_workers: int = 1, seed: int = 0) -> "ray.data.Dataset":
-    """Rows ``(x, label)`` as a Ray Dataset of Arrow tensor blocks, in a seeded random order.
-
-    Permuting once here means every block mixes normals and anomalies, so the workers'
-    local shuffle buffers see both kinds (BatchNorm statistics need mixed batches).
-    """
-    import pyarrow as pa
-    import ray.data
-    from ray.data.extensions import ArrowTensorArray
-
+    """Rows ``(x, label)`` as a Ray Dataset of Arrow tensor blocks, in a seeded random order
+    (every block mixes normals and anomalies, so BatchNorm sees mixed batches)."""
     x, labels = _check_arrays(x, semi_labels)
-    order = np.random.default_rng(seed).permutation(len(x))
-    x, labels = x[order], labels[order]
-    n_blocks = max(MIN_BLOCKS_PER_WORKER * num_workers, math.ceil(x.nbytes / TARGET_BLOCK_BYTES))
-    rows = max(1, math.ceil(len(x) / n_blocks))
-    tables = [
-        pa.table({"x": ArrowTensorArray.from_numpy(x[i : i + rows]), "label": pa.array(labels[i : i + rows])})
-        for i in range(0, len(x), rows)
-    ]
-    return ray.data.from_arrow(tables)
+    return ray_fit.arrays_to_dataset({"x": x, "label": labels}, num_workers, seed)
 
 
 def _check_arrays(x: np.ndarray, semi_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -160,20 +145,23 @@ def train_deep_sad(
     name: str,
     seed: int = 0,
     in_shape: Sequence[int] | None = None,
+    val: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> DeepSADState:
     """Train Deep SAD with ``TorchTrainer`` on arrays (``x``, ``semi_labels``) or a Ray Dataset
     (``x`` with columns ``x``/``label``, ``semi_labels=None``); return the loaded state.
+
+    ``val``: ``(x, is_anomaly)`` for checkpoint selection (held-out normals = 0, generated
+    anomalies = 1, never test data): the epoch with the best validation AUROC becomes
+    ``network`` and the last epoch stays available as ``last_network``.
 
     A run directory ``storage_path/name`` that already exists is refused: Ray Train v2 would
     resume it instead of training anew.
     """
     import ray.data
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from kka_ray.training.deep_sad_loop import deep_sad_fields, train_loop_per_worker
 
-    ensure_ray()
+    ray_fit.ensure_ray()
     if isinstance(x, ray.data.Dataset):
         if semi_labels is not None:
             raise ValueError("pass semi_labels=None with a Ray Dataset: its 'label' column holds them")
@@ -185,26 +173,20 @@ def train_deep_sad(
         ds = arrays_to_dataset(x, semi_labels, cfg.num_workers, seed)
         shape = tuple(int(s) for s in np.shape(x)[1:])
 
-    if "://" not in storage_path:
-        storage_path = os.path.abspath(os.path.expanduser(storage_path))
-        if os.path.exists(os.path.join(storage_path, name)):
-            raise FileExistsError(
-                f"run directory {os.path.join(storage_path, name)!r} exists; Ray Train would resume it. "
-                "Use a new name or delete the directory"
-            )
+    datasets = {"train": ds}
+    if val is not None:
+        vx, vy = np.ascontiguousarray(val[0], dtype=np.float32), np.asarray(val[1]).astype(np.float32)
+        if vx.shape[1:] != tuple(shape) or vy.shape != (len(vx),):
+            raise ValueError(f"val must be (x shaped (n, {', '.join(map(str, shape))}), labels shaped (n,)); "
+                             f"got {vx.shape} and {vy.shape}")
+        datasets["val"] = ray_fit.arrays_to_dataset({"x": vx, "label": vy}, 1, seed=None)
     torch_threads = max(1, int(cfg.resources_per_worker.get("CPU", 1)))
-    trainer = TorchTrainer(
+    result = ray_fit.fit_torch(
         train_loop_per_worker,
-        train_loop_config={"deep_sad": deep_sad_fields(cfg), "in_shape": list(shape), "seed": int(seed),
-                           "torch_threads": torch_threads},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=dict(cfg.resources_per_worker)),
-        run_config=RunConfig(storage_path=storage_path, name=name),
-        datasets={"train": ds},
+        {"deep_sad": deep_sad_fields(cfg), "in_shape": list(shape), "seed": int(seed), "torch_threads": torch_threads},
+        datasets, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+        resources_per_worker=cfg.resources_per_worker, storage_path=storage_path, name=name,
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"Deep SAD run {name!r} finished without a checkpoint (see the Ray Train logs under {storage_path})")
     with result.checkpoint.as_directory() as directory:
         state = DeepSADState.load(directory)
     state.checkpoint_path = result.checkpoint.path

@@ -8,8 +8,7 @@ Names resolve lazily, so ``import kka_ray.detectors.deep_sad`` does not import t
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from kka_ray._lazy import lazy_exports
 
 _EXPORTS = {
     "DeepSAD": "model",
@@ -24,9 +23,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

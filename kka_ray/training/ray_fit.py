@@ -1,0 +1,207 @@
+"""The one Ray Train path every trained model of the engine goes through.
+
+The confusion evaluator (Deep SAD, method.md Eq. 5) and the detectors (SAD, SimpleNet,
+ReContrast) all train with :func:`fit_torch`: a ``ray.train.torch.TorchTrainer`` (Ray Train
+v2) over Ray Datasets, where ``"train"`` is split across the workers and every other dataset
+(``"val"``: held-out normals + generated anomalies for checkpoint selection) is given whole to
+each worker. The worker loops use the helpers below so they agree on how to sum across
+workers, how often to report, and how the final checkpoint is written:
+
+- :func:`global_sum`: a few floats summed over workers (identity on one worker);
+- :class:`ReportThrottle`: every worker reports the same number of times (Train v2 needs it),
+  at most every ``MIN_REPORT_INTERVAL_S`` (the controller polls every 2 s);
+- :func:`report_final`: rank 0 writes its files into a temporary directory, every worker
+  reports once more, and that report carries the checkpoint.
+
+Arrays become Ray Datasets with :func:`arrays_to_dataset` (Arrow tensor blocks, seeded order).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import ray.data
+    import ray.train
+    import torch
+
+logger = logging.getLogger(__name__)
+
+# ~16 MB Arrow blocks stream well and leave several blocks per worker for the equal split.
+TARGET_BLOCK_BYTES = 16 * 1024**2
+MIN_BLOCKS_PER_WORKER = 2
+# Local Ray cluster started when the caller has none (tests, notebooks).
+LOCAL_RAY_CPUS = 2
+# Train v2's controller takes one result per worker per poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
+# 2 s) through a queue of size 1: reporting more often only blocks the workers.
+MIN_REPORT_INTERVAL_S = 2.0
+
+
+def ensure_ray() -> None:
+    """Start a small local Ray cluster if the caller has not initialised Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        logger.warning(
+            "Ray is not initialised: starting a local cluster (num_cpus=%d, no dashboard); "
+            "call ray.init(...) first to use an existing cluster", LOCAL_RAY_CPUS,
+        )
+        ray.init(address="local", num_cpus=LOCAL_RAY_CPUS, include_dashboard=False)
+
+
+def arrays_to_dataset(columns: dict[str, np.ndarray], num_workers: int = 1, seed: int | None = 0) -> "ray.data.Dataset":
+    """Equal-length arrays as a Ray Dataset of Arrow tensor blocks, in a seeded random order.
+
+    Permuting once here means every block mixes normals and anomalies, so the workers' local
+    shuffle buffers see both kinds. ``seed=None`` keeps the given order.
+    """
+    import pyarrow as pa
+    import ray.data
+    from ray.data.extensions import ArrowTensorArray
+
+    lengths = {name: len(a) for name, a in columns.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"columns must have equal lengths, got {lengths}")
+    n = next(iter(lengths.values()))
+    order = np.random.default_rng(seed).permutation(n) if seed is not None else np.arange(n)
+    cols = {k: np.ascontiguousarray(np.asarray(v)[order]) for k, v in columns.items()}
+    nbytes = sum(a.nbytes for a in cols.values())
+    n_blocks = max(MIN_BLOCKS_PER_WORKER * num_workers, math.ceil(nbytes / TARGET_BLOCK_BYTES))
+    rows = max(1, math.ceil(n / n_blocks))
+
+    def column(a: np.ndarray):
+        return ArrowTensorArray.from_numpy(a) if a.ndim > 1 else pa.array(a)
+
+    tables = [pa.table({k: column(a[i : i + rows]) for k, a in cols.items()}) for i in range(0, n, rows)]
+    return ray.data.from_arrow(tables)
+
+
+def fit_torch(
+    train_loop: Callable[[dict[str, Any]], Any],
+    loop_config: dict[str, Any],
+    datasets: dict[str, "ray.data.Dataset"],
+    *,
+    num_workers: int,
+    use_gpu: bool,
+    resources_per_worker: dict[str, float],
+    storage_path: str,
+    name: str,
+) -> "ray.train.Result":
+    """Run ``train_loop`` on ``num_workers`` Ray Train workers; return the result with its checkpoint.
+
+    ``datasets["train"]`` is split across workers; the others (``"val"``) reach every worker
+    whole. A run directory ``storage_path/name`` that already exists is refused: Ray Train v2
+    would resume it instead of training anew.
+    """
+    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ensure_ray()
+    if "train" not in datasets:
+        raise ValueError(f"datasets needs a 'train' entry; got {sorted(datasets)}")
+    if "://" not in storage_path:
+        storage_path = os.path.abspath(os.path.expanduser(storage_path))
+        if os.path.exists(os.path.join(storage_path, name)):
+            raise FileExistsError(
+                f"run directory {os.path.join(storage_path, name)!r} exists; Ray Train would resume it. "
+                "Use a new name or delete the directory"
+            )
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=dict(resources_per_worker)),
+        run_config=RunConfig(storage_path=storage_path, name=name),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {name!r} finished without a checkpoint (see the logs under {storage_path})")
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# worker-side helpers
+
+
+def global_sum(values: list[float], device: "torch.device", world_size: int) -> list[float]:
+    """Sum a few floats over all workers (identity on one worker)."""
+    import torch
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def unwrap(model: "torch.nn.Module") -> "torch.nn.Module":
+    """The module inside a DDP wrapper (or the module itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+class ReportThrottle:
+    """Intermediate ``ray.train.report`` calls, equally many on every worker, at most every 2 s.
+
+    Rank 0 decides whether a report is due; the flag is summed over workers, so all of them
+    report together. Call :meth:`maybe_report` after every epoch but the last.
+    """
+
+    def __init__(self, rank: int, world_size: int, device: "torch.device") -> None:
+        self.rank, self.world, self.device = rank, world_size, device
+        self.last = time.perf_counter()
+
+    def maybe_report(self, metrics: dict[str, Any]) -> None:
+        import ray.train
+
+        due = float(self.rank == 0 and time.perf_counter() - self.last >= MIN_REPORT_INTERVAL_S)
+        if global_sum([due], self.device, self.world)[0] > 0:
+            ray.train.report(metrics)
+            self.last = time.perf_counter()
+
+
+def report_final(metrics: dict[str, Any], rank: int, write_files: Callable[[str], None], checkpoint_dir_name: str) -> None:
+    """Rank 0 writes the checkpoint files with ``write_files(directory)``; every worker reports once."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            write_files(tmp)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name)
+
+
+def read_val(name: str = "val", dtypes: dict[str, "torch.dtype"] | None = None) -> dict[str, "torch.Tensor"] | None:
+    """The whole (unsplit) validation dataset on this worker as tensors, or None when absent."""
+    import ray.train
+    import torch
+
+    try:
+        shard = ray.train.get_dataset_shard(name)
+    except (KeyError, ValueError):
+        return None
+    if shard is None:
+        return None
+    parts: dict[str, list[torch.Tensor]] = {}
+    for batch in shard.iter_torch_batches(batch_size=1024, dtypes=dtypes):
+        for k, v in batch.items():
+            parts.setdefault(k, []).append(v)
+    return {k: torch.cat(v) for k, v in parts.items()} if parts else None
+
+
+def validation_auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """AUROC of ``scores`` (higher = more anomalous) against ``labels`` (1 = anomaly); None if one class."""
+    labels = np.asarray(labels).astype(int)
+    if labels.min(initial=0) == labels.max(initial=0) or len(np.unique(labels)) < 2:
+        return None
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64)))

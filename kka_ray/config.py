@@ -38,6 +38,13 @@ class RoleResources(_Section):
     replicas: int = Field(1, ge=1, description="actors in the pool (describer, drawer)")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources")
     torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads in the actor")
+    # describer, drawer: reserve the whole pool as one placement group of `replicas` bundles
+    # (gang scheduling) with this strategy; STRICT_SPREAD puts each actor on its own node.
+    # None: each actor is scheduled on its own. The cluster definitions in cluster/ provide the nodes.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = None
+    env_vars: dict[str, str] = Field(
+        default_factory=dict, description="environment variables of the role's actors and tasks (runtime_env)"
+    )
 
 
 class RunSection(_Section):
@@ -49,6 +56,12 @@ class RunSection(_Section):
     device: Literal["auto", "cpu", "cuda"] = "cpu"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     progress: bool = True
+    # Where run directories go: a local directory or a pyarrow filesystem URI (file://, s3://,
+    # gs://). The run directory is <storage_path>/<--output or run.output_dir or the Ray job's
+    # submission id or a timestamp>. With a URI the run works in a local staging directory and
+    # uploads it after every completed stage (kka_ray/storage.py). None: runs/<timestamp>, or
+    # ~/kka_runs/<submission id> inside a Ray job (its working directory is deleted with it).
+    storage_path: str | None = None
 
 
 class PathsSection(_Section):
@@ -185,9 +198,106 @@ class EvaluatorSection(DeepSADSection):
     easy_top_m: int | None = Field(None, ge=1)
 
 
+DetectorName = Literal["sad", "ssd", "simplenet", "recontrast"]
+BaselineName = Literal["sad", "ssd", "simplenet", "recontrast", "cmda"]
+
+
+class SSDSection(_Section):
+    """SSD (Sehwag et al., ICLR 2021): k-means + Mahalanobis on backbone features (Eq. 1 alone).
+
+    With anomalies it is few-shot SSD: ``s(x; normals) - s(x; anomalies)``."""
+
+    n_clusters: int = Field(1, ge=1)
+    covariance: Literal["pinv", "ledoit_wolf"] = "pinv"
+    few_shot: bool = True
+    # anomalies are few: their covariance is always shrunk (Ledoit-Wolf) and clustered coarser
+    anomaly_clusters: int = Field(1, ge=1)
+
+
+class SimpleNetSection(_Section):
+    """SimpleNet (Liu et al., CVPR 2023); defaults are the released code's unless noted."""
+
+    # stage k = the last block output at stride 2**k; EfficientNet-Lite0: 3 -> block 4 (40 ch),
+    # 4 -> block 10 (112 ch). [3, 4] are strides 8 and 16, as the reference WideResNet-50 layer2+layer3.
+    layers: list[int] = Field(default_factory=lambda: [3, 4], min_length=1,
+                              description="backbone stages (stride 2**k) whose maps are used")
+    patch_size: int = Field(3, ge=1, description="local neighbourhood aggregation")
+    embed_dim: int = Field(256, ge=8, description="adapted feature size (reference 1536 on WideResNet-50)")
+    # reference 0.015 on raw WideResNet-50 features; here patch features are standardised per
+    # channel first (EfficientNet-Lite0 maps have std ~5), where 0.015 is too small to learn from
+    noise_std: float = Field(0.1, gt=0, description="std of the Gaussian negatives (reference 0.015)")
+    margin: float = Field(0.5, gt=0, description="truncated L1 margin th")
+    dsc_hidden: int = Field(1024, ge=1)
+    dsc_layers: int = Field(2, ge=1)
+    adaptor_lr: float = Field(1e-4, gt=0)
+    dsc_lr: float = Field(2e-4, gt=0)
+    epochs: int = Field(40, ge=1, description="meta epochs (reference 40); validation after each")
+    gan_epochs: int = Field(4, ge=1, description="passes over the training data per meta epoch (reference 4)")
+    batch_size: int = Field(8, ge=1, description="images per step (each gives all its patches)")
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
+
+
+class ReContrastSection(_Section):
+    """ReContrast (Guo et al., NeurIPS 2023); defaults are the released code's unless noted."""
+
+    epochs: int = Field(20, ge=1)
+    total_iters: int | None = Field(None, ge=1, description="caps the iterations (released code: 2000 MVTec, 3000 VisA)")
+    batch_size: int = Field(16, ge=1)
+    decoder_lr: float = Field(2e-3, gt=0)
+    encoder_lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    alpha_start: float = Field(-3.0, description="hook threshold = mean + alpha * std, alpha ramps from here")
+    alpha_end: float = Field(1.0)
+    ramp_fraction: float = Field(0.1, gt=0, le=1, description="share of iterations over which alpha ramps")
+    hook_factor: float = Field(0.0, ge=0, le=1, description="gradient kept on easy points (0 = dropped)")
+    anomaly_weight: float = Field(0.1, ge=0, description="weight of the term pushing generated anomalies' error up")
+    anomaly_margin: float = Field(
+        2.0, ge=0, description="KKA term: weight * mean(max(0, margin - d)), d = the anomaly's reconstruction "
+        "distance on the loss's scale (0-6; trained normals reach about 0.4-1.4, so 0.5 would never act)")
+    encoder_bn_train: bool = Field(True, description="trainable encoder's BatchNorm in train mode (released code)")
+    encoder_bn_momentum: float | None = Field(
+        0.1, gt=0, le=1, description="trainable encoder's BN momentum; 0.1 = the reference ResNet's (PyTorch default), "
+        "EfficientNet-Lite0 ships 0.01; None keeps the backbone's")
+    score_sigma: float = Field(4.0, ge=0, description="anomaly-map Gaussian sigma in pixels of a 256 px image "
+                               "(released code: 4 at 256 px), scaled to the image size; 0 = no smoothing")
+    score_max_ratio: float = Field(0.0, ge=0, lt=1, description="image score: 0 = map maximum (released code), "
+                                   "else the mean of the top share of pixels")
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
+
+
+class CMDASection(_Section):
+    """CMDA baseline: pseudo-anomalies interpolated between image features and text features
+    mapped into the image feature space; Deep SAD (the detector's SAD settings) trains on them."""
+
+    text_encoder: str = "all-minilm-l6-v2"
+    anomaly_templates: list[str] = Field(default_factory=lambda: [
+        "a photo of something that is not a {name}.", "a photo of a damaged {name}.",
+        "a photo of an unusual object.", "a photo of a {name} with a strange shape.",
+    ])
+    n_samples: int = Field(512, ge=1)
+    mix_low: float = Field(0.3, ge=0, le=1)
+    mix_high: float = Field(0.7, ge=0, le=1)
+    ridge_alpha: float = Field(1.0, gt=0)
+
+
 class DetectorSection(DeepSADSection):
-    name: Literal["sad"] = "sad"
-    baselines: list[Literal["ssd", "sad"]] = Field(default_factory=lambda: ["ssd", "sad"])
+    """The detector inside the loop (``name``), the rows without anomalies (``baselines``), and
+    each detector's settings. The top-level Deep SAD fields are SAD's."""
+
+    name: DetectorName = "sad"
+    baselines: list[BaselineName] = Field(default_factory=lambda: ["ssd", "sad"])
+    # share of the anomaly set held out (with the held-out normals) to choose checkpoints
+    validation_fraction: float = Field(0.2, ge=0, lt=1)
+    threshold: Literal["max", "quantile"] = "max"
+    quantile: float = Field(0.95, gt=0, lt=1)
+    ssd: SSDSection = Field(default_factory=SSDSection)
+    simplenet: SimpleNetSection = Field(default_factory=SimpleNetSection)
+    recontrast: ReContrastSection = Field(default_factory=ReContrastSection)
+    cmda: CMDASection = Field(default_factory=CMDASection)
 
 
 class DeepSpeedSection(_Section):
@@ -215,9 +325,33 @@ class PreferenceSection(_Section):
     # "base": L_ref is the base LLM with the adapter off (method.md Eq. 7). "previous_adapter":
     # L_ref is the adapter this iteration starts from (TRL's default for a loaded adapter).
     reference: Literal["base", "previous_adapter"] = "base"
+    # DPO after the last iteration only yields an adapter for later use (no image is drawn with
+    # it in this run); false skips that stage when only the detector's numbers matter.
+    final_iteration: bool = True
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     resources: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=1, torch_threads=2))
+
+
+class JobSection(_Section):
+    """`kka submit`: which Ray job server gets the job and what its driver process reserves."""
+
+    # Job server (dashboard) address; None: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS, then
+    # http://127.0.0.1:8265. `kka submit --address` wins over all.
+    address: str | None = None
+    # Resources reserved for the driver itself (Ray's defaults: none). The driver extracts the
+    # normal features and scores them: with run.device=cuda give it a GPU.
+    entrypoint_num_cpus: float = Field(0.0, ge=0)
+    entrypoint_num_gpus: float = Field(0.0, ge=0)
+    entrypoint_memory: int | None = Field(None, ge=0, description="bytes")
+    entrypoint_resources: dict[str, float] = Field(default_factory=dict)
+    python: str = "python"  # the interpreter the entrypoint runs on the cluster (the head's PATH)
+    # Environment of the job (runtime_env env_vars): values given here, plus the submitter's
+    # variables named in forward_env. Nothing else is copied; names that look like credentials
+    # (KEY, SECRET, TOKEN, PASSWORD, ...) are refused: give the cluster its own credentials.
+    env_vars: dict[str, str] = Field(default_factory=lambda: {"TOKENIZERS_PARALLELISM": "false"})
+    forward_env: list[str] = Field(default_factory=list)
+    excludes: list[str] = Field(default_factory=list, description="more paths kept out of the upload")
 
 
 class ReportSection(_Section):
@@ -236,6 +370,7 @@ class KKAConfig(_Section):
     preference: PreferenceSection = Field(default_factory=PreferenceSection)
     detector: DetectorSection = Field(default_factory=DetectorSection)
     report: ReportSection = Field(default_factory=ReportSection)
+    job: JobSection = Field(default_factory=JobSection)
 
     @field_validator("describer")
     @classmethod

@@ -97,3 +97,24 @@ def load_minilm_tokenizer():
             if name in zf.namelist():
                 zf.extract(name, tmp)
         return BertTokenizerFast.from_pretrained(tmp)
+
+
+def embed_sentences(texts: list[str], cache_dir: str | os.PathLike, batch_size: int = 64):
+    """Sentence embeddings as sentence-transformers computes them for all-MiniLM-L6-v2: mean of the
+    token states over the attention mask, L2-normalised; float32 numpy (n, 384)."""
+    import numpy as np
+    import torch
+    from transformers import BertModel, BertTokenizerFast
+
+    model_dir = prepare_minilm(cache_dir)
+    tok = BertTokenizerFast.from_pretrained(str(model_dir))
+    model = BertModel.from_pretrained(str(model_dir)).eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            enc = tok(list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=128, return_tensors="pt")
+            states = model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(states.dtype)
+            pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            out.append(torch.nn.functional.normalize(pooled, dim=1).numpy())
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 384), np.float32)

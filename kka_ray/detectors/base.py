@@ -1,0 +1,166 @@
+"""The interface every detector KKA plugs into (PyOD / anomalib-like).
+
+    det = build_detector("simplenet", cfg.detector, context)       # or SimpleNet(section, ...)
+    det.fit(normal, anomalies=None, validation=Validation(holdout_normals, val_anomalies))
+    scores = det.decision_function(x)          # higher = more anomalous
+    det.set_threshold(holdout_normals)         # method.md Eq. 6 rules: max or quantile
+    labels = det.predict(x)                    # 1 = anomaly
+    det.save(dir); type(det).load(dir)
+
+``input_kind`` says what rows a detector takes: ``"features"`` (the run's normalised pooled
+backbone features, shape (n, d)) or ``"images"`` (uint8 images as the dataset stores them,
+(n, H, W) grey or (n, H, W, 3) RGB). Checkpoints are chosen on ``validation`` (held-out normals
+plus generated anomalies, never test); ``decision_function(x, which="last")`` scores with the
+last epoch's model so both can be reported. ``fit_info_`` records the selected epoch and the
+validation AUROC of the selected and the last epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from kka_ray.confusion import DEFAULT_QUANTILE, distance_threshold
+
+DETECTOR_META = "detector.json"
+InputKind = Literal["features", "images"]
+
+
+@dataclass
+class Validation:
+    """Held-out normals and generated anomalies for checkpoint selection (never test data)."""
+
+    normal: np.ndarray
+    anomalies: np.ndarray | None = None
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and labels (0 = normal, 1 = anomaly)."""
+        parts = [np.asarray(self.normal)]
+        labels = [np.zeros(len(self.normal), np.int64)]
+        if self.anomalies is not None and len(self.anomalies):
+            parts.append(np.asarray(self.anomalies))
+            labels.append(np.ones(len(self.anomalies), np.int64))
+        return np.concatenate(parts), np.concatenate(labels)
+
+    @property
+    def has_anomalies(self) -> bool:
+        return self.anomalies is not None and len(self.anomalies) > 0
+
+
+@dataclass
+class DetectorContext:
+    """What a detector may need beyond its own config: where Ray Train writes, the model cache,
+    the backbone name and input size, the device and the seed."""
+
+    storage_path: str | None = None
+    cache_dir: str | None = None
+    backbone: str = "efficientnet_lite0"
+    image_size: int = 64
+    device: str = "cpu"
+    seed: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def storage(self, prefix: str) -> str:
+        if self.storage_path is None:
+            self.storage_path = tempfile.mkdtemp(prefix=f"kka_{prefix}_")
+        return self.storage_path
+
+    @staticmethod
+    def run_name(prefix: str) -> str:
+        return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+class Detector(ABC):
+    """Base class: ``fit`` / ``decision_function`` / ``set_threshold`` / ``predict`` / ``save`` / ``load``."""
+
+    name: ClassVar[str] = ""
+    input_kind: ClassVar[InputKind] = "features"
+
+    threshold_: float | None = None
+    fit_info_: dict[str, Any]
+
+    # -- to implement -----------------------------------------------------------------------
+    @abstractmethod
+    def fit(self, normal: np.ndarray, anomalies: np.ndarray | None = None,
+            validation: Validation | None = None, name: str | None = None) -> "Detector":
+        """Train on normal rows and optional (generated or known) anomaly rows."""
+
+    @abstractmethod
+    def decision_function(self, x: np.ndarray, which: Literal["selected", "last"] = "selected") -> np.ndarray:
+        """Anomaly score per row, higher = more anomalous (float64)."""
+
+    @abstractmethod
+    def _save_state(self, directory: Path) -> dict[str, Any]:
+        """Write weights (safetensors) into ``directory``; return JSON-ready metadata."""
+
+    @classmethod
+    @abstractmethod
+    def _load_state(cls, directory: Path, meta: dict[str, Any]) -> "Detector":
+        """Rebuild a fitted detector from ``directory`` and the metadata ``_save_state`` returned."""
+
+    # -- shared -----------------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if not getattr(self, "fitted_", False):
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(normal, anomalies) first")
+
+    def set_threshold(self, normal_val: np.ndarray, rule: Literal["max", "quantile"] = "max",
+                      q: float = DEFAULT_QUANTILE) -> float:
+        """Fix ``threshold_`` from validation normals' scores (method.md Eq. 6 rules: max or q-quantile)."""
+        self.threshold_ = float(distance_threshold(self.decision_function(normal_val), rule=rule, q=q))
+        return self.threshold_
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """1 where the score exceeds ``threshold_`` (set it with :meth:`set_threshold`), else 0."""
+        if self.threshold_ is None:
+            raise RuntimeError("no threshold: call set_threshold(validation_normals) before predict()")
+        return (self.decision_function(x) > self.threshold_).astype(np.int64)
+
+    def save(self, directory: str | os.PathLike) -> str:
+        self._check_fitted()
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        meta = {"detector": self.name, "threshold": self.threshold_, "fit_info": self.fit_info_,
+                **self._save_state(d)}
+        (d / DETECTOR_META).write_text(json.dumps(meta, indent=1))
+        return str(d)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Detector":
+        d = Path(directory)
+        path = d / DETECTOR_META
+        if not path.is_file():
+            raise FileNotFoundError(f"{str(d)!r} is not a saved detector: {DETECTOR_META} is missing")
+        meta = json.loads(path.read_text())
+        if cls.name and meta.get("detector") != cls.name:
+            raise ValueError(f"{str(d)!r} holds a {meta.get('detector')!r} detector, not {cls.name!r}")
+        det = cls._load_state(d, meta)
+        det.threshold_ = meta.get("threshold")
+        det.fit_info_ = meta.get("fit_info", {})
+        det.fitted_ = True
+        return det
+
+
+def check_rows(x: np.ndarray, what: str, kind: InputKind) -> np.ndarray:
+    """Validate detector input rows; features -> float32 (n, d); images -> uint8 (n, H, W[, 3])."""
+    x = np.asarray(x)
+    if kind == "features":
+        if x.ndim != 2 or len(x) == 0:
+            raise ValueError(f"{what} must be a non-empty feature array shaped (n, d), got {x.shape}")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise ValueError(f"{what} has {int((~np.isfinite(x)).sum())} non-finite values; drop or fix those rows")
+        return x
+    if x.ndim not in (3, 4) or len(x) == 0 or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
+        raise ValueError(f"{what} must be images shaped (n, H, W) or (n, H, W, 3), got {x.shape}")
+    if x.dtype != np.uint8:
+        raise ValueError(f"{what} must be uint8 images (0-255), got dtype {x.dtype}")
+    return x

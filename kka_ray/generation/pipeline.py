@@ -11,6 +11,11 @@ The models live in *resident* actors (``ResidentPools``) created once per run, s
 model is paid once and the describer takes each new LoRA adapter without a restart. The Ray
 Data actor pools hold light proxies that forward each batch to a resident actor, so every
 stage is scheduled, batched and back-pressured by Ray Data, not by a loop on the driver.
+
+Placement: each role's actors ask for the resources of its config section (``role_options``:
+CPUs, GPUs, and custom resources such as ``kka_describer`` that only the role's nodes of the
+cluster definitions in ``cluster/`` advertise). With ``resources.placement_strategy`` a pool is
+reserved as one placement group (``start_pool``), e.g. STRICT_SPREAD for one actor per node.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +40,78 @@ logger = logging.getLogger(__name__)
 PROXY_NUM_CPUS = 0.01
 
 
+# How long a role's placement group may wait for its nodes before the run stops with an error
+# naming the role: an autoscaler takes several minutes to bring up a GPU node.
+PLACEMENT_READY_TIMEOUT_S = 900.0
+
+
 def role_options(res: RoleResources) -> dict[str, Any]:
-    """Ray actor options for a role from its config section."""
+    """Ray actor/task options for a role from its config section (also valid ``map_batches``
+    remote args): CPUs, GPUs, custom resources (which pick the role's nodes, see cluster/) and
+    the role's environment variables (merged into the job's runtime_env by Ray)."""
     opts: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
     if res.resources:
         opts["resources"] = dict(res.resources)
+    if res.env_vars:
+        opts["runtime_env"] = {"env_vars": dict(res.env_vars)}
     return opts
+
+
+def role_bundle(res: RoleResources) -> dict[str, float]:
+    """One placement-group bundle: the resources one actor of the role holds."""
+    bundle = {"CPU": res.num_cpus, "GPU": res.num_gpus, **res.resources}
+    bundle = {k: float(v) for k, v in bundle.items() if v > 0}
+    if not bundle:
+        raise ValueError("a role with placement_strategy needs num_cpus, num_gpus or a custom resource > 0")
+    return bundle
+
+
+def start_pool(
+    role: str,
+    actor_cls: type,
+    res: RoleResources,
+    args: tuple = (),
+    ready_timeout_s: float = PLACEMENT_READY_TIMEOUT_S,
+) -> tuple[list[Any], Any]:
+    """Start ``res.replicas`` actors of ``actor_cls`` for ``role``; returns (actors, placement group).
+
+    With ``res.placement_strategy`` the pool is reserved as one placement group of ``replicas``
+    bundles (all or nothing) and actor ``i`` is pinned to bundle ``i``; without it each actor is
+    scheduled on its own and the placement group is None. A placement group that cannot be
+    reserved within ``ready_timeout_s`` is removed and raises an error naming the role.
+    """
+    import ray
+
+    opts = role_options(res)
+    remote_cls = ray.remote(actor_cls)
+    if res.placement_strategy is None:
+        return [remote_cls.options(**opts).remote(*args) for _ in range(res.replicas)], None
+
+    from ray.exceptions import GetTimeoutError
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    bundles = [role_bundle(res)] * res.replicas
+    pg = placement_group(bundles, strategy=res.placement_strategy, name=f"kka-{role}")
+    try:
+        ray.get(pg.ready(), timeout=ready_timeout_s)
+    except GetTimeoutError:
+        remove_placement_group(pg)
+        raise RuntimeError(
+            f"{role}: the cluster could not place {res.replicas} x {bundles[0]} with strategy "
+            f"{res.placement_strategy} within {ready_timeout_s:.0f} s. Check that enough nodes advertise "
+            f"these resources (cluster/ and `ray status`), or lower {role}.resources.replicas or relax "
+            f"{role}.resources.placement_strategy"
+        ) from None
+    logger.info("%s: placement group of %d x %s (%s) ready", role, res.replicas, bundles[0], res.placement_strategy)
+    actors = [
+        remote_cls.options(
+            **opts,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i),
+        ).remote(*args)
+        for i in range(res.replicas)
+    ]
+    return actors, pg
 
 
 class _RoundRobinProxy:
@@ -76,6 +147,7 @@ class ResidentPools:
 
     describers: list[Any]
     drawers: list[Any]
+    placement_groups: list[Any] = field(default_factory=list)
 
     @classmethod
     def start(cls, cfg: KKAConfig, target_size: int, target_mode: str) -> "ResidentPools":
@@ -86,18 +158,21 @@ class ResidentPools:
 
         cache = str(cfg.paths.cache_dir())
         device = resolve_device(cfg.run.device)
-        d_opts = role_options(cfg.describer.resources)
-        w_opts = role_options(cfg.drawer.resources)
-        describers = [
-            ray.remote(Describer).options(**d_opts).remote(cfg.describer, cache, device)
-            for _ in range(cfg.describer.resources.replicas)
-        ]
-        drawers = [
-            ray.remote(Drawer).options(**w_opts).remote(cfg.drawer, cache, target_size, target_mode, device)
-            for _ in range(cfg.drawer.resources.replicas)
-        ]
-        ray.get([a.ready.remote() for a in describers + drawers])
-        return cls(describers, drawers)
+        describers, d_pg = start_pool("describer", Describer, cfg.describer.resources, (cfg.describer, cache, device))
+        try:
+            drawers, w_pg = start_pool(
+                "drawer", Drawer, cfg.drawer.resources, (cfg.drawer, cache, target_size, target_mode, device)
+            )
+        except BaseException:
+            cls(describers, [], [d_pg] if d_pg else []).shutdown()
+            raise
+        pools = cls(describers, drawers, [pg for pg in (d_pg, w_pg) if pg is not None])
+        try:
+            ray.get([a.ready.remote() for a in describers + drawers])
+        except BaseException:
+            pools.shutdown()
+            raise
+        return pools
 
     def load_adapter(self, path: str, version: int) -> None:
         import ray
@@ -121,8 +196,13 @@ class ResidentPools:
     def shutdown(self) -> None:
         import ray
 
+        from ray.util.placement_group import remove_placement_group
+
         for a in self.describers + self.drawers:
             ray.kill(a)
+        for pg in self.placement_groups:
+            remove_placement_group(pg)
+        self.placement_groups = []
 
 
 def _sum_stats(items: list[dict[str, int]]) -> dict[str, int]:

@@ -6,6 +6,10 @@
     kka prepare drawer OUT_DIR [--steps N --device auto ...]     train the default drawer's UNet on Fashion-MNIST
     kka config [--config FILE] [key.sub=value ...]               print the resolved config
     kka report DIR                                               (re)write DIR/report.html
+    kka submit KIND [--config FILE] [--address URL] [--follow] [key.sub=value ...]
+                                                                 submit a Ray job: run | generate | preference | evaluate
+    kka status ID | kka stop ID | kka logs ID [--follow]         a submitted job's status, stop it, its logs
+    kka eval RUN_DIR... [--detectors ...] [--seeds 3]            detectors with/without KKA: the paper's tables
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the KKA loop (the embedded default config without --config)")
     run.add_argument("--config", "-c", help="YAML config file (default: the embedded default)")
-    run.add_argument("--output", "-o", help="run directory (default: run.output_dir or runs/<timestamp>)")
-    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last completed stage")
+    run.add_argument("--output", "-o", help="run directory (default: run.output_dir or runs/<timestamp>; "
+                     "a name under run.storage_path when that is set)")
+    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR (a path or a storage URI) from its "
+                     "last completed stage")
     run.add_argument("overrides", nargs="*", help="config overrides, e.g. run.iterations=2 describer.temperature=0.8")
 
     prep = sub.add_parser("prepare", help="prepare local models into the model cache")
@@ -41,6 +47,14 @@ def _parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="(re)write report.html of a run directory")
     rep.add_argument("run_dir")
+
+    from kka_ray.evaluation.cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
+
+    from kka_ray.submit import add_parsers as add_job_parsers
+
+    add_job_parsers(sub)
     return p
 
 
@@ -55,20 +69,24 @@ def main(argv: list[str] | None = None) -> int:
         from kka_ray.generation.train_drawer import main as train_drawer_main
 
         return train_drawer_main(argv[2:])
+    if argv[:1] == ["submit"]:  # parsed on its own: options and overrides may be intermixed
+        from kka_ray.submit import submit_main
+
+        return submit_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
-            from kka_ray.loop import KKARun
+            from kka_ray.storage import create_run, resume_run
 
             if args.resume:
                 if args.config or args.overrides:
                     raise ConfigError("--resume continues a run with its own config.yaml: drop --config and overrides")
-                run = KKARun.resume(args.resume)
+                run, where = resume_run(args.resume)
             else:
-                run = KKARun.create(load_config(args.config, args.overrides), args.output)
+                run, where = create_run(load_config(args.config, args.overrides), args.output)
             _setup_logging(run.cfg.run.log_level)
-            out = run.execute()
-            print(f"run complete: {out}\n  metrics: {out / 'metrics.jsonl'}\n  report:  {out / 'report.html'}")
+            out = where.execute(run)  # run.execute(), uploading to run.storage_path when that is a URI
+            print(f"run complete: {out}\n  metrics: {out}/metrics.jsonl\n  report:  {out}/report.html")
         elif args.command == "prepare":
             from kka_ray.config import KKAConfig
             from kka_ray.prepare import prepare_models
@@ -83,7 +101,16 @@ def main(argv: list[str] | None = None) -> int:
             from kka_ray.report import write_report
 
             print(write_report(args.run_dir))
-    except (ConfigError, FileNotFoundError, FileExistsError) as err:
+        elif args.command in ("status", "stop", "logs"):
+            from kka_ray.submit import cli_command
+
+            return cli_command(args)
+        elif args.command == "eval":
+            from kka_ray.evaluation.cli import run_eval
+
+            _setup_logging("INFO")
+            return run_eval(args)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"kka: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -16,6 +16,7 @@ selected on the test split: thresholds come from held-out normals.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from kka_ray.config import KKAConfig, load_config
 from kka_ray.data.store import (
     AnomalyStore, Member, load_anomaly_set, save_anomaly_set, update_anomaly_set, write_json_atomic,
 )
-from kka_ray.metrics import detection_metrics, resource_seconds
+from kka_ray.metrics import resource_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,10 @@ def init_ray(cfg: KKAConfig) -> bool:
     if address:
         ray.init(address=address, logging_level=level, log_to_driver=level <= logging.INFO)
     else:
+        # "local": a fresh cluster of this config's size, even when `ray start` left one running
+        # on this machine (ray.init() would join that one instead).
         ray.init(
+            address="local",
             num_cpus=cfg.ray.num_cpus,
             include_dashboard=cfg.ray.include_dashboard,
             dashboard_host=cfg.ray.dashboard_host,
@@ -117,6 +121,8 @@ class KKARun:
         self._split = None
         self._features: dict[str, np.ndarray] | None = None
         self._normalizer = None
+        # called with a stage's name once it is recorded (kka_ray/storage.py uploads the run there)
+        self.on_stage_done = None
 
     # ------------------------------------------------------------------ entry points
     @classmethod
@@ -135,19 +141,34 @@ class KKARun:
             raise FileNotFoundError(f"{run_dir} has no config.yaml: it is not a kka run directory")
         return cls(load_config(run_dir / "config.yaml"), run_dir)
 
-    def execute(self) -> Path:
-        """Run (or continue) every stage not yet complete; returns the run directory."""
+    @contextlib.contextmanager
+    def _session(self, total: int, done: int = 0):
+        """Models checked, Ray joined or started, a progress bar; pools and Ray released after."""
         from tqdm.auto import tqdm
 
         from kka_ray.prepare import ensure_default_models
 
-        cfg = self.cfg
-        ensure_default_models(cfg)
-        started = init_ray(cfg)
-        total = 2 + cfg.run.iterations * len(ITERATION_STAGES)
-        bar = tqdm(total=total, desc="kka", disable=not cfg.run.progress, unit="stage")
-        bar.update(len([s for s in self.state.data["completed"] if s in ("prep", "baselines") or s.startswith("iter")]))
+        ensure_default_models(self.cfg)
+        started = init_ray(self.cfg)
+        bar = tqdm(total=total, initial=done, desc="kka", disable=not self.cfg.run.progress, unit="stage")
         try:
+            yield bar
+        finally:
+            bar.close()
+            if self.pools is not None:
+                self.pools.shutdown()
+                self.pools = None
+            if started:
+                import ray
+
+                ray.shutdown()
+
+    def execute(self) -> Path:
+        """Run (or continue) every stage not yet complete; returns the run directory."""
+        cfg = self.cfg
+        total = 2 + cfg.run.iterations * len(ITERATION_STAGES)
+        done = len([s for s in self.state.data["completed"] if s in ("prep", "baselines") or s.startswith("iter")])
+        with self._session(total, done) as bar:
             self._stage("prep", self.prep, bar)
             self._stage("baselines", self.baselines, bar)
             for k in range(1, cfg.run.iterations + 1):
@@ -158,15 +179,28 @@ class KKARun:
             from kka_ray.report import write_report
 
             write_report(self.dir)
-        finally:
-            bar.close()
-            if self.pools is not None:
-                self.pools.shutdown()
-                self.pools = None
-            if started:
-                import ray
+        return self.dir
 
-                ray.shutdown()
+    def execute_stages(self, names: list[str]) -> Path:
+        """Run only the named stages, in order, skipping completed ones; returns the run directory.
+
+        For jobs that do one part of a run (jobs/generate.py: ``["prep", "iter1.generate"]``;
+        jobs/preference.py: ``["iterK.preference"]``); the caller checks that their inputs exist.
+        ``kka run --resume`` continues such a run with the stages still missing.
+        """
+        fns = {}
+        for name in names:
+            it, _, stage = name.partition(".")
+            if name in ("prep", "baselines"):
+                fns[name] = getattr(self, name)
+            elif it.startswith("iter") and it[4:].isdigit() and stage in ITERATION_STAGES:
+                fns[name] = lambda k=int(it[4:]), s=stage: getattr(self, s)(k)
+            else:
+                raise ValueError(f"unknown stage {name!r}: prep, baselines or iter<k>.<{'|'.join(ITERATION_STAGES)}>")
+        with self._session(len(names)) as bar:
+            for name in names:
+                self._stage(name, fns[name], bar)
+            self._write_metrics()
         return self.dir
 
     def _stage(self, name: str, fn, bar) -> None:
@@ -178,6 +212,8 @@ class KKARun:
         result["wall_seconds"] = round(time.perf_counter() - start, 3)
         write_json_atomic(result, self.dir / "stages" / f"{name}.json")
         self.state.mark(name)
+        if self.on_stage_done is not None:
+            self.on_stage_done(name)
         bar.update(1)
         logger.info("stage %s done in %.1f s", name, result["wall_seconds"])
 
@@ -259,19 +295,23 @@ class KKARun:
         return FeatureExtractor(k.backbone, k.image_size, self.cfg.paths.cache_dir(),
                                 device=resolve_device(self.cfg.run.device), batch_size=k.batch_size)
 
-    def baselines(self) -> dict[str, Any]:
-        """SSD (Eq. 1 alone) and Deep SAD without generated anomalies, once."""
-        from kka_ray.knowledge.mahalanobis import MahalanobisScorer
+    def inputs(self):
+        """This run's normal and anomaly rows for detectors (shares the split already built)."""
+        from kka_ray.evaluation.inputs import RunInputs
 
-        cfg, f, targets = self.cfg, self.features(), self.split.test_targets
+        inputs = RunInputs(self.dir, cfg=self.cfg, split=self.split)
+        inputs._features, inputs._normalizer = self._features, self._normalizer
+        return inputs
+
+    def baselines(self) -> dict[str, Any]:
+        """Each ``detector.baselines`` detector without generated anomalies, once."""
+        from kka_ray.evaluation.runner import fit_and_score
+
         out: dict[str, Any] = {}
-        if "ssd" in cfg.detector.baselines:
-            ssd = MahalanobisScorer(cfg.knowledge.n_clusters, cfg.knowledge.covariance, seed=cfg.run.seed).fit(f["train"])
-            out["ssd"] = detection_metrics(targets, ssd.score(f["test"]))
-        if "sad" in cfg.detector.baselines:
-            state = self._train_deep_sad(cfg.detector, f["train"], None, "detector_baseline")
-            state.save(self.dir / "detector" / "baseline")
-            out["sad"] = detection_metrics(targets, state.score(f["test"]))
+        for name in self.cfg.detector.baselines:
+            result = fit_and_score(self.inputs(), name, 0, self.cfg.run.seed, save_dir=self.dir / "detector" / f"baseline_{name}",
+                                   storage=self.dir / "ray_train")
+            out[name] = {k: result[k] for k in ("auroc", "aupr", "fpr95", "auroc_last", "seconds")}
         write_json_atomic(out, self.dir / "baselines.json")
         return out
 
@@ -303,6 +343,7 @@ class KKARun:
         import ray
         from ray.data import ActorPoolStrategy
 
+        from kka_ray.generation.pipeline import role_options
         from kka_ray.knowledge.features import FeatureBatchExtractor
 
         k = self.cfg.knowledge
@@ -312,7 +353,7 @@ class KKARun:
                                    "cache_dir": str(self.cfg.paths.cache_dir()),
                                    "torch_threads": k.resources.torch_threads},
             compute=ActorPoolStrategy(size=k.resources.replicas), batch_size=k.batch_size,
-            batch_format="numpy", num_cpus=k.resources.num_cpus, num_gpus=k.resources.num_gpus,
+            batch_format="numpy", **role_options(k.resources),
         )
         rows = ds.select_columns(["id", "features"]).take_all()
         by_id = {r["id"]: np.asarray(r["features"], dtype=np.float32) for r in rows}
@@ -386,11 +427,14 @@ class KKARun:
         return {"n_anomalies": len(members), "n_hard_in_set": int(sum(m.is_hard for m in members))}
 
     def detect(self, k: int) -> dict[str, Any]:
-        f = self.features()
-        anomalies = self._set_features(self._members(k))
-        state = self._train_deep_sad(self.cfg.detector, f["train"], anomalies, f"detector_iter_{k}")
-        state.save(self.dir / "detector" / f"iter_{k}")
-        return detection_metrics(self.split.test_targets, state.score(f["test"]))
+        """The configured detector on normals + the anomaly set after iteration k; test metrics."""
+        from kka_ray.evaluation.runner import fit_and_score
+
+        name = self.cfg.detector.name
+        result = fit_and_score(self.inputs(), name, k, self.cfg.run.seed, save_dir=self.dir / "detector" / f"iter_{k}",
+                               storage=self.dir / "ray_train")
+        return {"detector": name, **{key: v for key, v in result.items() if key != "fit_info"},
+                "selected_epoch": result["fit_info"].get("selected_epoch")}
 
     def preference(self, k: int) -> dict[str, Any]:
         """Eq. 7: DPO pairs from this iteration's hard/easy split -> LoRA adapter k."""
@@ -402,6 +446,8 @@ class KKARun:
         from kka_ray.preference.pairs import build_pairs
 
         cfg = self.cfg
+        if k == cfg.run.iterations and not cfg.preference.final_iteration:
+            return {"n_pairs": 0, "skipped": True, "reason": "preference.final_iteration is false"}
         table = self.store.read([k], columns=["id", "prompt_id", "prompt", "text", "distance", "is_hard"]) \
             if self.store.path(k).is_file() else None
         easy = set(json.loads((self.dir / "evaluator" / f"iter_{k}" / "split.json").read_text())["easy_ids"])
@@ -427,7 +473,8 @@ class KKARun:
             prev_adapter=self.state.data.get("adapter_path"), answer_prefix=cfg.describer.answer_prefix,
             seed=cfg.run.seed + k, device=resolve_device(cfg.run.device),
         ))
-        self.ensure_pools().load_adapter(str(out), k)
+        if self.pools is not None:  # else the next ensure_pools() loads it from the state
+            self.pools.load_adapter(str(out), k)
         self.state.data.update(adapter_path=str(out), adapter_version=k)
         return {"n_pairs": len(pairs), "relative_pairs": relative,
                 "n_same_prompt": int(sum(p.same_prompt for p in pairs)), **metrics}

@@ -425,6 +425,20 @@ def test_real_fashion_mnist() -> None:
     assert split.train.captions[0][0] in {"a photo of a shirt.", "a picture of a shirt.", "an image of a shirt."}
 
 
+@pytest.mark.skipif(not DEBIAN_FMNIST.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_all_ten_fashion_mnist_one_class_splits() -> None:
+    """The paper's protocol: each of the ten classes normal in turn, every other class anomalous."""
+    test = load_fashion_mnist(None, "test", download=False)
+    names = set()
+    for c in range(10):
+        split = build_split(DataSection(dataset="fashion_mnist", normal_classes=[c], download=False), seed=0)
+        assert len(split.train) == 5400 and len(split.holdout) == 600 and len(split.test) == 10000
+        assert set(split.train.labels.tolist()) == {c} and set(split.holdout.labels.tolist()) == {c}
+        assert np.array_equal(split.test_targets, (test.labels != c).astype(np.int64))
+        names.add(split.name)
+    assert len(names) == 10
+
+
 @pytest.mark.skipif(not (SHARED / "cifar-10-partial").is_dir(), reason=f"no partial CIFAR-10 under {SHARED}")
 def test_real_cifar10_partial() -> None:
     train = load_cifar(SHARED / "cifar-10-partial", 10, "train")

@@ -16,10 +16,14 @@ from kka_ray.loop import KKARun
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("mode", ["add"])
-def test_two_iterations_fill_the_run_directory(tiny_cache, tmp_path, mode):
-    cfg = load_config(overrides=tiny_overrides(tiny_cache) + [f"run.mode={mode}"])
-    out = KKARun.create(cfg, str(tmp_path / "run")).execute()
+@pytest.fixture(scope="module")
+def finished_run(tiny_cache, tmp_path_factory):
+    cfg = load_config(overrides=tiny_overrides(tiny_cache) + ["run.mode=add"])
+    return KKARun.create(cfg, str(tmp_path_factory.mktemp("kka") / "run")).execute()
+
+
+def test_two_iterations_fill_the_run_directory(finished_run):
+    out, mode = finished_run, "add"
 
     assert (out / "config.yaml").is_file()
     assert load_config(out / "config.yaml").run.iterations == 2
@@ -61,3 +65,35 @@ def test_two_iterations_fill_the_run_directory(tiny_cache, tmp_path, mode):
     html = (out / "report.html").read_text()
     assert "Iteration 1" in html and "Iteration 2" in html and "<svg" in html
     assert json.loads((out / "state.json").read_text())["finished"] is True
+
+
+def test_kka_eval_writes_the_tables_from_a_finished_run(finished_run, tmp_path, capsys):
+    from kka_ray.cli import main
+
+    # SSD is cheap: two seeds over every iteration (the KKA(0..2) ablation)
+    assert main(["eval", str(finished_run), "--detectors", "ssd", "--seeds", "2", "--output", str(tmp_path / "ssd")]) == 0
+    ablation = (tmp_path / "ssd" / "ablation.csv").read_text().splitlines()
+    assert ablation[0].startswith("split,detector,mode,iteration,auroc_mean,auroc_std")
+    assert [line.split(",")[3] for line in ablation[1:]] == ["0", "1", "2"]
+    assert all(line.split(",")[-1] == "2" for line in ablation[1:])  # two seeds each
+    # every other detector once, on the final anomaly set
+    assert main(["eval", str(finished_run), "--detectors", "sad,simplenet,recontrast,cmda", "--seeds", "1",
+                 "--iterations", "last", "--output", str(tmp_path / "all")]) == 0
+    printed = capsys.readouterr().out
+    table = (tmp_path / "all" / "table.csv").read_text().splitlines()
+    header = table[0].split(",")
+    for col in ("detector", "variant", "auroc_mean", "auroc_std", "n_generated", "seeds"):
+        assert col in header
+    got = {(r.split(",")[1], r.split(",")[2]) for r in table[1:]}
+    assert got == {("sad", "none"), ("sad", "kka_add"), ("simplenet", "none"), ("simplenet", "kka_add"),
+                   ("recontrast", "none"), ("recontrast", "kka_add"), ("cmda", "none")}
+    assert "| detector |" in printed or "detector" in printed.splitlines()[0]
+    rows = [json.loads(l) for l in (tmp_path / "all" / "rows.jsonl").read_text().splitlines()]
+    kka = [r for r in rows if r["variant"] == "kka_add"]
+    assert all(r["iteration"] == 2 and r["n_anomalies_train"] + r["n_anomalies_val"] == r["n_anomaly_set"] for r in kka)
+    assert all(0.0 <= r["auroc"] <= 1.0 and 0.0 <= r["auroc_last"] <= 1.0 for r in rows)
+    assert (tmp_path / "all" / "auroc_per_iteration.png").read_bytes()[:4] == b"\x89PNG"
+    # cached: a second call fits nothing and reads the same numbers
+    cached = sorted((finished_run / "eval" / "results").glob("*.json"))
+    assert len(cached) == 6 + 7
+    assert main(["eval", str(finished_run), "--detectors", "sad", "--no-fit", "--output", str(tmp_path / "again")]) == 0

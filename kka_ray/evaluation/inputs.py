@@ -1,0 +1,160 @@
+"""What a detector reads from a finished (or running) KKA run directory.
+
+Normal rows come from the run's one-class split (``config.yaml`` rebuilds it): pooled,
+normalised backbone features from ``prep/features.safetensors`` for feature detectors, uint8
+images for image detectors. Anomaly rows are the members of the anomaly set after iteration
+k (``sets/iter_<k>.json``) read from the Parquet store: their backbone features (normalised
+like the normals) or their PNG images decoded to the normal images' size and mode. Undecodable
+images are skipped and counted (``decode_errors``).
+
+:func:`split_members` holds out a fixed share of an anomaly set, by a hash of each id, for
+checkpoint selection: the same anomaly is on the same side in every iteration and seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from kka_ray.config import KKAConfig, load_config
+from kka_ray.data.store import AnomalyStore, Member, load_anomaly_set
+
+if TYPE_CHECKING:
+    from kka_ray.data.protocols import OneClassSplit
+
+logger = logging.getLogger(__name__)
+
+Part = Literal["train", "holdout", "test"]
+
+
+def split_members(members: list[Member], fraction: float) -> tuple[list[Member], list[Member]]:
+    """(training, validation) members; an id goes to validation when its hash falls below ``fraction``."""
+    if fraction <= 0 or len(members) < 2:
+        return list(members), []
+
+    def u(m: Member) -> float:
+        return int(hashlib.sha1(m.id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+    val = [m for m in members if u(m) < fraction]
+    train = [m for m in members if u(m) >= fraction]
+    if not train:  # never hold out the whole set
+        train, val = val[:1], val[1:]
+    return train, val
+
+
+class RunInputs:
+    """Normal and anomaly rows of one run directory, as features or images."""
+
+    def __init__(self, run_dir: str | Path, cfg: KKAConfig | None = None, split: "OneClassSplit | None" = None) -> None:
+        self.dir = Path(run_dir)
+        cfg_path = self.dir / "config.yaml"
+        if cfg is None and not cfg_path.is_file():
+            raise FileNotFoundError(f"{self.dir} has no config.yaml: it is not a kka run directory")
+        self.cfg = cfg if cfg is not None else load_config(cfg_path)
+        self._split = split
+        self._features: dict[str, np.ndarray] | None = None
+        self._normalizer = None
+        self.store = AnomalyStore(self.dir / "anomalies")
+        self.decode_errors = 0
+
+    # ------------------------------------------------------------------ run facts
+    @property
+    def split(self) -> "OneClassSplit":
+        if self._split is None:
+            from kka_ray.data.protocols import build_split
+
+            self._split = build_split(self.cfg.data, seed=self.cfg.run.seed)
+        return self._split
+
+    def completed_iterations(self) -> list[int]:
+        """Iterations whose anomaly set exists (``sets/iter_<k>.json``), ascending."""
+        state = self.dir / "state.json"
+        done = set(json.loads(state.read_text()).get("completed", [])) if state.is_file() else set()
+        return [k for k in range(1, self.cfg.run.iterations + 1)
+                if (self.dir / "sets" / f"iter_{k}.json").is_file() and f"iter{k}.update" in done]
+
+    def members(self, k: int) -> list[Member]:
+        if k <= 0:
+            return []
+        path = self.dir / "sets" / f"iter_{k}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: iteration {k} of this run has not finished its update stage")
+        return load_anomaly_set(path)
+
+    def n_generated(self, k: int) -> int:
+        """Anomalies generated (kept after drawing) in iterations 1..k."""
+        total = 0
+        for i in range(1, k + 1):
+            path = self.dir / "stages" / f"iter{i}.generate.json"
+            if path.is_file():
+                total += int(json.loads(path.read_text()).get("n_kept", 0))
+        return total
+
+    # ------------------------------------------------------------------ normal rows
+    def features(self) -> dict[str, np.ndarray]:
+        if self._features is None:
+            from safetensors.numpy import load_file
+
+            path = self.dir / "prep" / "features.safetensors"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} does not exist: the run's prep stage has not finished")
+            self._features = load_file(str(path))
+        return self._features
+
+    def normalizer(self):
+        if self._normalizer is None:
+            from safetensors.numpy import load_file
+
+            from kka_ray.knowledge.features import FeatureNormalizer
+
+            self._normalizer = FeatureNormalizer.from_state_dict(load_file(str(self.dir / "prep" / "normalizer.safetensors")))
+        return self._normalizer
+
+    def normal(self, kind: str, part: Part) -> np.ndarray:
+        if kind == "features":
+            return self.features()[part]
+        return getattr(self.split, part).images
+
+    @property
+    def test_targets(self) -> np.ndarray:
+        return self.split.test_targets
+
+    # ------------------------------------------------------------------ anomaly rows
+    def anomalies(self, members: list[Member], kind: str) -> np.ndarray:
+        """Rows of ``members`` (in order) as normalised features or uint8 images."""
+        if kind == "features":
+            dim = self.features()["train"].shape[1]
+            if not members:
+                return np.zeros((0, dim), np.float32)
+            rows = self.store.rows([m.id for m in members], columns=["features"])
+            raw = np.stack([np.asarray(v, np.float32) for v in rows.column("features").to_pylist()])
+            return self.normalizer().transform(raw).astype(np.float32)
+        ref = self.split.train.images
+        if not members:
+            return np.zeros((0, *ref.shape[1:]), np.uint8)
+        rows = self.store.rows([m.id for m in members], columns=["image"])
+        images = []
+        for data in rows.column("image").to_pylist():
+            try:
+                images.append(decode_like(data, ref.shape[1:]))
+            except Exception as err:  # a corrupt PNG is skipped and counted, never fatal
+                self.decode_errors += 1
+                logger.warning("skipping an anomaly image that does not decode (%s); %d so far", err, self.decode_errors)
+        return np.stack(images) if images else np.zeros((0, *ref.shape[1:]), np.uint8)
+
+
+def decode_like(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """PNG bytes -> uint8 array of ``shape`` ((H, W) grey or (H, W, 3) RGB), resized if needed."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(bytes(data))) as img:
+        img = img.convert("L" if len(shape) == 2 else "RGB")
+        if img.size != (shape[1], shape[0]):
+            img = img.resize((shape[1], shape[0]), Image.BILINEAR)
+        return np.asarray(img, dtype=np.uint8)

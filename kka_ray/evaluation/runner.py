@@ -1,0 +1,154 @@
+"""Train and score detectors on a run's anomaly sets: the rows of the KKA paper's tables.
+
+For a run directory and a detector, :func:`evaluate_run` fits
+
+- variant ``none``: normals only (iteration 0), and
+- variant ``kka_<mode>`` (``kka_add`` / ``kka_rep``, the run's ``run.mode``): normals plus the
+  anomaly set after each completed iteration k (the KKA(0..k) ablation),
+
+for each detector seed, and scores the test split. Checkpoints are chosen on the validation
+split (held-out normals plus a hash-chosen share of the anomaly set, never test) and the
+threshold on held-out normals; the last epoch's AUROC is reported beside the chosen one.
+Without generated anomalies there is nothing to validate against, so the last epoch is used.
+
+Each result is written to ``<run>/eval/results/<detector>__<variant>__it<k>__s<seed>.json``
+before the next fit starts, so an interrupted evaluation resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from kka_ray.data.store import write_json_atomic
+from kka_ray.detectors.base import DetectorContext, Validation
+from kka_ray.detectors.registry import TAKES_ANOMALIES, build_detector, input_kind
+from kka_ray.evaluation.inputs import RunInputs, split_members
+from kka_ray.metrics import detection_metrics
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SEEDS = 3
+
+
+def detector_context(inputs: RunInputs, storage: Path, seed: int) -> DetectorContext:
+    from kka_ray.devices import resolve_device
+
+    cfg = inputs.cfg
+    return DetectorContext(storage_path=str(storage), cache_dir=str(cfg.paths.cache_dir()),
+                           backbone=cfg.knowledge.backbone, image_size=cfg.knowledge.image_size,
+                           device=resolve_device(cfg.run.device), seed=seed)
+
+
+def fit_and_score(inputs: RunInputs, name: str, iteration: int, seed: int, save_dir: Path | None = None,
+                  storage: Path | None = None, section=None) -> dict[str, Any]:
+    """Fit detector ``name`` on normals + the anomaly set after ``iteration`` (0: none) and score test."""
+    section = section if section is not None else inputs.cfg.detector
+    kind = input_kind(name)
+    start = time.perf_counter()
+    members = inputs.members(iteration) if iteration > 0 else []
+    train_m, val_m = split_members(members, section.validation_fraction)
+    anomalies = inputs.anomalies(train_m, kind) if train_m else None
+    val_anomalies = inputs.anomalies(val_m, kind) if val_m else None
+    holdout = inputs.normal(kind, "holdout")
+    run_name = f"{name}_it{iteration}_s{seed}"
+    storage = storage if storage is not None else inputs.dir / "eval" / "ray_train"
+    shutil.rmtree(storage / run_name, ignore_errors=True)  # an interrupted fit restarts clean
+    split = inputs.split
+    det = build_detector(name, section, detector_context(inputs, storage, seed),
+                         normal_texts=[caps[0] if caps else "" for caps in split.train.captions],
+                         class_names=list(split.normal_class_names))
+    det.fit(inputs.normal(kind, "train"), anomalies, Validation(holdout, val_anomalies), name=run_name)
+    threshold = det.set_threshold(holdout, section.threshold, section.quantile)
+    test = inputs.normal(kind, "test")
+    targets = inputs.test_targets
+    scores = det.decision_function(test)
+    metrics = detection_metrics(targets, scores)
+    last = detection_metrics(targets, det.decision_function(test, which="last"))
+    pred = scores > threshold
+    if save_dir is not None:
+        det.save(save_dir)
+    return {
+        **metrics,
+        "auroc_last": last["auroc"], "aupr_last": last["aupr"], "fpr95_last": last["fpr95"],
+        "threshold": threshold,
+        "tpr_at_threshold": float(pred[targets == 1].mean()), "fpr_at_threshold": float(pred[targets == 0].mean()),
+        "n_anomalies_train": 0 if anomalies is None else int(len(anomalies)),
+        "n_anomalies_val": 0 if val_anomalies is None else int(len(val_anomalies)),
+        "n_anomaly_set": len(members), "decode_errors": inputs.decode_errors,
+        "fit_info": det.fit_info_, "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def settings_hash(section, name: str) -> str:
+    """A short hash of the settings detector ``name`` trains with, so cached results of other
+    settings are never mistaken for these."""
+    import hashlib
+
+    from kka_ray.config import DeepSADSection
+
+    dump = section.model_dump(mode="json")
+    common = {k: dump[k] for k in ("validation_fraction", "threshold", "quantile")}
+    sad = {k: dump[k] for k in DeepSADSection.model_fields}
+    own = {"sad": sad, "cmda": {**sad, "cmda": dump["cmda"]}}.get(name, dump.get(name, {}))
+    return hashlib.sha1(json.dumps([common, own], sort_keys=True).encode()).hexdigest()[:8]
+
+
+def variant_of(inputs: RunInputs, iteration: int) -> str:
+    return "none" if iteration == 0 else f"kka_{inputs.cfg.run.mode}"
+
+
+def evaluate_run(run_dir: str | Path, detectors: list[str], seeds: int = DEFAULT_SEEDS,
+                 iterations: str = "all", include_none: bool = True,
+                 overrides: list[str] | None = None) -> list[dict[str, Any]]:
+    """Result rows for ``detectors`` x (none, kka per iteration) x ``seeds`` on one run (cached).
+
+    ``include_none=False`` skips the no-anomaly rows (another run of the same split has them).
+    ``overrides`` (``detector.<...>=value``) change the detectors' settings from the run's own."""
+    from kka_ray.config import ConfigError, load_config
+
+    bad = [o for o in overrides or [] if not o.startswith("detector.")]
+    if bad:
+        raise ConfigError(f"evaluation overrides may only change detector.* settings, got {bad}")
+    inputs = RunInputs(run_dir, cfg=load_config(Path(run_dir) / "config.yaml", overrides or []))
+    done = inputs.completed_iterations()
+    if iterations not in ("all", "last"):
+        raise ValueError(f"iterations must be 'all' or 'last', got {iterations!r}")
+    kka_iters = done if iterations == "all" else done[-1:]
+    if not done:
+        logger.warning("%s has no completed iteration: only the no-anomaly rows can be evaluated", inputs.dir)
+    out_dir = inputs.dir / "eval" / "results"
+    base_seed = inputs.cfg.run.seed
+    split = inputs.split
+    rows = []
+    for name in detectors:
+        input_kind(name)
+        its = ([0] if include_none or name not in TAKES_ANOMALIES else []) + (kka_iters if name in TAKES_ANOMALIES else [])
+        for k in its:
+            for s in range(seeds):
+                seed = base_seed * 1000 + s
+                tag = settings_hash(inputs.cfg.detector, name)
+                path = out_dir / f"{name}__{variant_of(inputs, k)}__it{k}__s{seed}__{tag}.json"
+                if path.is_file():
+                    rows.append(json.loads(path.read_text()))
+                    continue
+                logger.info("evaluating %s on %s, iteration %d, seed %d", name, inputs.dir.name, k, seed)
+                result = fit_and_score(inputs, name, k, seed)
+                row = {"run": str(inputs.dir), "split": split.name, "dataset": inputs.cfg.data.dataset,
+                       "normal_classes": list(split.normal_class_names), "mode": inputs.cfg.run.mode,
+                       "detector": name, "variant": variant_of(inputs, k), "iteration": k, "seed": seed,
+                       "settings": tag,
+                       "n_generated": inputs.n_generated(k), **result}
+                write_json_atomic(row, path)
+                rows.append(row)
+    return rows
+
+
+def load_rows(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every cached result row of a run (what ``kka eval --no-fit`` tabulates)."""
+    out = Path(run_dir) / "eval" / "results"
+    return [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))] if out.is_dir() else []

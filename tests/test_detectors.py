@@ -237,3 +237,26 @@ def test_ablation_and_written_files(tmp_path):
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(paths["rows"].read_text().splitlines()) == len(_rows())
     assert json.loads(paths["rows"].read_text().splitlines()[0])["detector"] == "sad"
+
+
+@pytest.mark.slow
+def test_cmda_fits_on_interpolated_text_features(ray_local, tmp_path):
+    """CMDA through the public interface: real MiniLM embeddings (from the installed package),
+    the ridge map, the interpolated pseudo-anomalies and a Deep SAD fit on Ray Train."""
+    from kka_ray.detectors.base import DetectorContext
+    from kka_ray.detectors.cmda import CMDA
+
+    normal, anomalies = _blobs(1)
+    texts = [["a photo of a shirt.", "a picture of a shirt."][i % 2] for i in range(len(normal))]
+    ctx = DetectorContext(storage_path=str(tmp_path / "rt"), cache_dir=str(tmp_path / "cache"), seed=0)
+    sad = DeepSADSection(hidden_dims=[16], rep_dim=4, epochs=3, batch_size=64, lr=1e-2)
+    det = CMDA(CMDASection(n_samples=64), sad, ctx, normal_texts=texts, class_names=["shirt"])
+    pseudo = det.pseudo_anomalies(normal)
+    assert pseudo.shape == (64, 8) and np.isfinite(pseudo).all()
+    det.fit(normal, validation=Validation(normal[:32]), name="cmda")
+    assert det.fit_info_["n_pseudo_anomalies"] == 64 and det.sad_.n_anomalies_ == 64
+    scores = det.decision_function(np.r_[normal[:16], anomalies[:16]])
+    assert scores.shape == (32,) and scores.dtype == np.float64 and np.isfinite(scores).all()
+    det.set_threshold(normal[:32])
+    det.save(tmp_path / "cmda")
+    assert np.array_equal(CMDA.load(tmp_path / "cmda").decision_function(anomalies[:4]), det.decision_function(anomalies[:4]))

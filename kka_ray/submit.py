@@ -269,15 +269,26 @@ def _auth_message(address: str, err: Exception) -> str:
             "~/.ray/auth_token, as for `ray job submit`")
 
 
+# A head that has just started answers HTTP before its job agent registers ("No available agent
+# to submit job"): that state is retried for this long before it is reported.
+AGENT_WAIT_S = 120.0
+
+
 def _call(fn, *args: Any, **kwargs: Any) -> Any:
     from ray.exceptions import AuthenticationError
 
-    try:
-        return fn(*args, **kwargs)
-    except AuthenticationError as err:
-        raise JobServerError(_auth_message("", err)) from None
-    except RuntimeError as err:  # unknown job id, duplicate submission id, server error
-        raise JobServerError(str(err).splitlines()[0]) from None
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except AuthenticationError as err:
+            raise JobServerError(_auth_message("", err)) from None
+        except RuntimeError as err:  # unknown job id, duplicate submission id, server error
+            if "No available agent" in str(err) and time.monotonic() < deadline:
+                logger.info("the job server has no job agent yet (a head that just started); retrying")
+                time.sleep(2.0)
+                continue
+            raise JobServerError(str(err).splitlines()[0]) from None
 
 
 def submit(

@@ -87,7 +87,7 @@ def test_kka_eval_writes_the_tables_from_a_finished_run(finished_run, tmp_path, 
     got = {(r.split(",")[1], r.split(",")[2]) for r in table[1:]}
     assert got == {("sad", "none"), ("sad", "kka_add"), ("simplenet", "none"), ("simplenet", "kka_add"),
                    ("recontrast", "none"), ("recontrast", "kka_add"), ("cmda", "none")}
-    assert "| detector |" in printed or "detector" in printed.splitlines()[0]
+    assert printed.startswith("| split | detector | variant | auroc_mean |")
     rows = [json.loads(l) for l in (tmp_path / "all" / "rows.jsonl").read_text().splitlines()]
     kka = [r for r in rows if r["variant"] == "kka_add"]
     assert all(r["iteration"] == 2 and r["n_anomalies_train"] + r["n_anomalies_val"] == r["n_anomaly_set"] for r in kka)
@@ -97,3 +97,16 @@ def test_kka_eval_writes_the_tables_from_a_finished_run(finished_run, tmp_path, 
     cached = sorted((finished_run / "eval" / "results").glob("*.json"))
     assert len(cached) == 6 + 7
     assert main(["eval", str(finished_run), "--detectors", "sad", "--no-fit", "--output", str(tmp_path / "again")]) == 0
+    # the evaluation job's entry point (what `kka submit evaluate` runs on a cluster) reads the cache
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    job = Path(__file__).resolve().parents[1] / "jobs" / "evaluate.py"
+    done = subprocess.run([sys.executable, str(job), str(finished_run), "--detectors", "ssd", "--seeds", "2",
+                           "--no-fit", "--output", str(tmp_path / "job")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "job" / "table.csv").read_text() == (tmp_path / "ssd" / "table.csv").read_text()
+    bad = subprocess.run([sys.executable, str(job), str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "kka: error:" in bad.stderr and "nowhere" in bad.stderr
+

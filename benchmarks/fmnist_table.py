@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--detectors", default="ssd,sad,simplenet,recontrast,cmda")
     p.add_argument("--root", default="runs/fmnist_table")
-    p.add_argument("--eval-only", action="store_true", help="tabulate runs already under --root")
+    p.add_argument("--eval-only", action="store_true", help="evaluate runs already under --root; run no KKA")
+    p.add_argument("--tabulate", action="store_true",
+                   help="write the results from the cached evaluation rows only (fit nothing)")
     p.add_argument("--detector-set", action="append", default=[], metavar="detector.KEY=VALUE",
                    help="detector settings for the evaluation (repeatable), e.g. detector.simplenet.epochs=8")
     p.add_argument("--seeds-for", action="append", default=[], metavar="DETECTOR=N",
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[tuple[Path, str]] = []
     for c in classes:
         for mode in modes:
-            if args.eval_only:
+            if args.eval_only or args.tabulate:
                 run = root / f"class{c}_{mode}"
                 if not (run / "config.yaml").is_file():
                     continue
@@ -98,6 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     seeds_for = {d: args.seeds for d in detectors}
     seeds_for.update({k: int(v) for k, v in (item.split("=") for item in args.seeds_for)})
     rows: list[dict] = []
+    if args.tabulate:
+        from kka_ray.evaluation.runner import load_rows, settings_hash
+
+        for run, mode in runs:
+            section = load_config(run / "config.yaml", args.detector_set).detector
+            rows += [r for r in load_rows(run) if r["detector"] in detectors
+                     and r.get("settings") == settings_hash(section, r["detector"])
+                     and (mode == modes[0] or r["variant"] != "none")]
+        write_results(rows, runs, args, classes, modes, seeds_for, root)
+        return 0
     started = init_ray(load_config(runs[0][0] / "config.yaml"))
     try:
         # detector by detector, cheapest first as listed: the tables are rewritten after each

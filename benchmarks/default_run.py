@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import machine  # benchmarks/machine.py (the script's own directory is on sys.path)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "default_run.json"
 
@@ -41,22 +41,6 @@ def tree_rss_mb(pid: int) -> float:
         except psutil.Error:
             pass
     return total / 2**20
-
-
-def machine() -> dict:
-    import psutil
-
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "processor": platform.processor() or platform.machine()}
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except ImportError:
-        pass
-    return info
 
 
 def main() -> int:

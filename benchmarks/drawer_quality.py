@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from machine import machine  # benchmarks/machine.py
 
 logger = logging.getLogger("drawer_quality")
 
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "held_out_paraphrases": HELD_OUT,
         "sweep": sweep,
         "training": {k: info.get(k) for k in ("steps_done", "train_wall_s", "final_loss", "unet_params", "device", "config", "num_captions", "partial")},
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": args.threads},
+        "machine": {**machine(), "threads": args.threads},
         "note": "timings on a shared 2-core machine while other jobs ran (nice 19): an upper bound on the drawer's cost",
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import machine  # benchmarks/machine.py
+
 RESULTS = Path(__file__).resolve().parent / "results"
 GOALS = {"sad_none_ruff2020": 89.2, "sad_10pct_real_anomalies_ruff2020": 91.3}
 # A CPU budget: one KKA iteration of 64 descriptions and images per class and mode, no DPO
@@ -101,13 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     seeds_for.update({k: int(v) for k, v in (item.split("=") for item in args.seeds_for)})
     rows: list[dict] = []
     if args.tabulate:
-        from kka_ray.evaluation.runner import load_rows, settings_hash
+        from kka_ray.evaluation.runner import cached_rows
 
         for run, mode in runs:
-            section = load_config(run / "config.yaml", args.detector_set).detector
-            rows += [r for r in load_rows(run) if r["detector"] in detectors
-                     and r.get("settings") == settings_hash(section, r["detector"])
-                     and (mode == modes[0] or r["variant"] != "none")]
+            rows += [r for r in cached_rows(run, detectors, args.detector_set) if mode == modes[0] or r["variant"] != "none"]
         write_results(rows, runs, args, classes, modes, seeds_for, root)
         return 0
     started = init_ray(load_config(runs[0][0] / "config.yaml"))
@@ -157,7 +156,8 @@ def write_results(rows: list[dict], runs: list[tuple[Path, str]], args: argparse
         "# Fashion-MNIST one-class table (kka_ray)", "",
         f"Classes {classes}, modes {modes}, {args.iterations} KKA iteration(s) per run, detector seeds "
         f"{seeds_for}, run overrides {DEFAULT_OVERRIDES + args.overrides}, detector settings {args.detector_set}.",
-        f"Compute wall time {seconds['total']:.0f} s on this machine (KKA runs {seconds['kka_runs']:.0f} s; "
+        f"Machine: {machine()}.", "",
+        f"Compute wall time {seconds['total']:.0f} s on it (KKA runs {seconds['kka_runs']:.0f} s; "
         "evaluation per detector below), summed from the stage records, so it holds across resumed sessions.", "",
         "## Mean over classes" if len(classes) > 1 else f"## Class {classes[0]}", "",
         to_markdown(summary, ["detector", *MAIN_COLUMNS[2:], "n_splits"]),
@@ -171,7 +171,7 @@ def write_results(rows: list[dict], runs: list[tuple[Path, str]], args: argparse
     ]
     (RESULTS / "fmnist_table.md").write_text("\n".join(lines))
     (RESULTS / "fmnist_table.json").write_text(json.dumps({
-        "seconds": seconds, "classes": classes, "modes": modes, "iterations": args.iterations, "seeds": seeds_for,
+        "machine": machine(), "seconds": seconds, "classes": classes, "modes": modes, "iterations": args.iterations, "seeds": seeds_for,
         "detector_set": args.detector_set, "summary": summary}, indent=1))
     print(to_markdown(summary, ["detector", *MAIN_COLUMNS[2:], "n_splits"]), flush=True)
 

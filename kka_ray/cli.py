@@ -18,7 +18,7 @@ import argparse
 import logging
 import sys
 
-from kka_ray.config import ConfigError, load_config
+from kka_ray.config import USER_ERRORS, ConfigError, load_config
 
 logger = logging.getLogger("kka_ray")
 
@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(level: str) -> None:
+def setup_logging(level: str) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kka_ray").setLevel(getattr(logging, level))
 
@@ -84,14 +84,17 @@ def main(argv: list[str] | None = None) -> int:
                 run, where = resume_run(args.resume)
             else:
                 run, where = create_run(load_config(args.config, args.overrides), args.output)
-            _setup_logging(run.cfg.run.log_level)
+            setup_logging(run.cfg.run.log_level)
             out = where.execute(run)  # run.execute(), uploading to run.storage_path when that is a URI
             print(f"run complete: {out}\n  metrics: {out}/metrics.jsonl\n  report:  {out}/report.html")
         elif args.command == "prepare":
             from kka_ray.config import KKAConfig
             from kka_ray.prepare import prepare_models
 
-            _setup_logging("INFO")
+            if args.what == "drawer":  # `kka prepare --cache X drawer`: the shortcut above needs "drawer" first
+                raise ConfigError("`kka prepare drawer` takes its own options after it: "
+                                  "kka prepare drawer OUT_DIR [--cache-dir DIR ...]")
+            setup_logging("INFO")
             cache = args.cache or str(KKAConfig().paths.cache_dir())
             for name, path in prepare_models(cache).items():
                 print(f"{name}: {path}")
@@ -108,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             from kka_ray.evaluation.cli import run_eval
 
-            _setup_logging("INFO")
+            setup_logging("INFO")
             return run_eval(args)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as err:
+    except USER_ERRORS as err:
         print(f"kka: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -17,13 +17,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_CONFIG_NAME = "default.yaml"
 
 
 class ConfigError(ValueError):
     """A config value is wrong; the message names the field and what to do."""
+
+
+# What a command reports as one ``kka: error: ...`` line (exit 2) instead of a traceback:
+# wrong input (config, arguments), missing files, a run directory that already exists.
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError, FileExistsError)
 
 
 class _Section(BaseModel):
@@ -45,6 +50,12 @@ class RoleResources(_Section):
     env_vars: dict[str, str] = Field(
         default_factory=dict, description="environment variables of the role's actors and tasks (runtime_env)"
     )
+
+    @model_validator(mode="after")
+    def _bundle_not_empty(self) -> "RoleResources":
+        if self.placement_strategy and not (self.num_cpus > 0 or self.num_gpus > 0 or any(v > 0 for v in self.resources.values())):
+            raise ValueError("a role with placement_strategy needs num_cpus, num_gpus or a custom resource > 0")
+        return self
 
 
 class RunSection(_Section):
@@ -273,7 +284,6 @@ class CMDASection(_Section):
     """CMDA baseline: pseudo-anomalies interpolated between image features and text features
     mapped into the image feature space; Deep SAD (the detector's SAD settings) trains on them."""
 
-    text_encoder: str = "all-minilm-l6-v2"
     anomaly_templates: list[str] = Field(default_factory=lambda: [
         "a photo of something that is not a {name}.", "a photo of a damaged {name}.",
         "a photo of an unusual object.", "a photo of a {name} with a strange shape.",
@@ -282,6 +292,12 @@ class CMDASection(_Section):
     mix_low: float = Field(0.3, ge=0, le=1)
     mix_high: float = Field(0.7, ge=0, le=1)
     ridge_alpha: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _mix_range(self) -> "CMDASection":
+        if self.mix_low > self.mix_high:
+            raise ValueError(f"mix_low ({self.mix_low}) must not exceed mix_high ({self.mix_high})")
+        return self
 
 
 class DetectorSection(DeepSADSection):

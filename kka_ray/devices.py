@@ -7,10 +7,12 @@ def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; a CUDA device torch cannot see is an error."""
     import torch
 
+    from kka_ray.config import ConfigError
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"device must be cpu, cuda[:N] or auto, got {device!r}")
+        raise ConfigError(f"device must be cpu, cuda[:N] or auto, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but torch sees no CUDA device: use cpu or auto")
+        raise ConfigError(f"device {device!r} was asked for but torch sees no CUDA device: use cpu or auto")
     return device

@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from kka_ray.config import KKAConfig, load_config
+from kka_ray.config import ConfigError, KKAConfig, load_config
 from kka_ray.data.store import (
-    AnomalyStore, Member, load_anomaly_set, save_anomaly_set, update_anomaly_set, write_json_atomic,
+    AnomalyStore, Member, save_anomaly_set, update_anomaly_set, write_json_atomic,
 )
+from kka_ray.evaluation.inputs import RunInputs
 from kka_ray.metrics import resource_seconds
 
 logger = logging.getLogger(__name__)
@@ -118,9 +119,7 @@ class KKARun:
         self.state = RunState(self.dir)
         self.store = AnomalyStore(self.dir / "anomalies")
         self.pools = None
-        self._split = None
-        self._features: dict[str, np.ndarray] | None = None
-        self._normalizer = None
+        self._inputs: RunInputs | None = None
         # called with a stage's name once it is recorded (kka_ray/storage.py uploads the run there)
         self.on_stage_done = None
 
@@ -196,7 +195,7 @@ class KKARun:
             elif it.startswith("iter") and it[4:].isdigit() and stage in ITERATION_STAGES:
                 fns[name] = lambda k=int(it[4:]), s=stage: getattr(self, s)(k)
             else:
-                raise ValueError(f"unknown stage {name!r}: prep, baselines or iter<k>.<{'|'.join(ITERATION_STAGES)}>")
+                raise ConfigError(f"unknown stage {name!r}: prep, baselines or iter<k>.<{'|'.join(ITERATION_STAGES)}>")
         with self._session(len(names)) as bar:
             for name in names:
                 self._stage(name, fns[name], bar)
@@ -222,30 +221,22 @@ class KKARun:
         return json.loads(path.read_text()) if path.is_file() else {}
 
     # ------------------------------------------------------------------ shared data
+    def inputs(self) -> RunInputs:
+        """The run's split, prep features and anomaly rows, read once and shared by every stage."""
+        if self._inputs is None:
+            self._inputs = RunInputs(self.dir, cfg=self.cfg)
+        return self._inputs
+
     @property
     def split(self):
-        if self._split is None:
-            from kka_ray.data.protocols import build_split
-
-            self._split = build_split(self.cfg.data, seed=self.cfg.run.seed)
-        return self._split
+        return self.inputs().split
 
     def features(self) -> dict[str, np.ndarray]:
         """Normalised backbone features of train / holdout / test normals (computed in prep)."""
-        if self._features is None:
-            from safetensors.numpy import load_file
-
-            self._features = load_file(str(self.dir / "prep" / "features.safetensors"))
-        return self._features
+        return self.inputs().features()
 
     def normalizer(self):
-        if self._normalizer is None:
-            from safetensors.numpy import load_file
-
-            from kka_ray.knowledge.features import FeatureNormalizer
-
-            self._normalizer = FeatureNormalizer.from_state_dict(load_file(str(self.dir / "prep" / "normalizer.safetensors")))
-        return self._normalizer
+        return self.inputs().normalizer()
 
     def ensure_pools(self):
         if self.pools is None:
@@ -283,7 +274,7 @@ class KKARun:
         save_file({k: np.ascontiguousarray(v) for k, v in normalizer.state_dict().items()}, str(out / "normalizer.safetensors"))
         write_json_atomic([r.__dict__ for r in reps], out / "representatives.json")
         write_json_atomic(prompts, out / "prompts.json")
-        self._features, self._normalizer = feats, normalizer
+        self.inputs().remember_prep(feats, normalizer)
         return {"split": split.name, "n_train": len(split.train), "n_holdout": len(split.holdout),
                 "n_test": len(split.test), "n_prompts": len(prompts), "feature_dim": int(feats["train"].shape[1])}
 
@@ -294,14 +285,6 @@ class KKARun:
         k = self.cfg.knowledge
         return FeatureExtractor(k.backbone, k.image_size, self.cfg.paths.cache_dir(),
                                 device=resolve_device(self.cfg.run.device), batch_size=k.batch_size)
-
-    def inputs(self):
-        """This run's normal and anomaly rows for detectors (shares the split already built)."""
-        from kka_ray.evaluation.inputs import RunInputs
-
-        inputs = RunInputs(self.dir, cfg=self.cfg, split=self.split)
-        inputs._features, inputs._normalizer = self._features, self._normalizer
-        return inputs
 
     def baselines(self) -> dict[str, Any]:
         """Each ``detector.baselines`` detector without generated anomalies, once."""
@@ -363,17 +346,6 @@ class KKARun:
             raise RuntimeError(f"{len(missing)} generated images could not be decoded, e.g. {missing[0]}")
         return np.stack([by_id[i] for i in ids]) if ids else np.zeros((0, 1), np.float32)
 
-    def _members(self, k: int) -> list[Member]:
-        path = self.dir / "sets" / f"iter_{k}.json"
-        return load_anomaly_set(path) if k > 0 and path.is_file() else []
-
-    def _set_features(self, members: list[Member]) -> np.ndarray:
-        if not members:
-            return np.zeros((0, self.features()["train"].shape[1]), np.float32)
-        rows = self.store.rows([m.id for m in members], columns=["features"])
-        raw = np.stack([np.asarray(v, np.float32) for v in rows.column("features").to_pylist()])
-        return self.normalizer().transform(raw).astype(np.float32)
-
     def evaluate(self, k: int) -> dict[str, Any]:
         """Eq. 5: Deep SAD on D_n + D_a + the new anomalies; Eq. 6: hard/easy split of the new ones."""
         import pyarrow as pa
@@ -383,7 +355,7 @@ class KKARun:
 
         cfg, f = self.cfg, self.features()
         new = read_generated(self.dir / "generated" / f"iter_{k}")
-        prev = self._members(k - 1)
+        prev = self.inputs().members(k - 1)
         n_new = 0 if new is None else new.num_rows
         if n_new:
             new = new.sort_by("id")
@@ -391,7 +363,7 @@ class KKARun:
             z_new = self.normalizer().transform(raw).astype(np.float32)
         else:
             raw = z_new = np.zeros((0, f["train"].shape[1]), np.float32)
-        z_prev = self._set_features(prev)
+        z_prev = self.inputs().anomalies(prev, "features")
         anomalies = np.concatenate([z_prev, z_new])
         state = self._train_deep_sad(cfg.evaluator, f["train"], anomalies, f"evaluator_iter_{k}")
         state.save(self.dir / "evaluator" / f"iter_{k}")

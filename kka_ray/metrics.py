@@ -66,8 +66,11 @@ def stage_resources(cfg: Any, stage: str) -> tuple[float, float]:
     if stage == "generate":
         roles = (cfg.describer.resources, cfg.drawer.resources)
         return (sum(r.num_cpus * r.replicas for r in roles), sum(r.num_gpus * r.replicas for r in roles))
-    if stage in ("evaluate", "detect", "baselines"):
-        sec = cfg.evaluator if stage == "evaluate" else cfg.detector
+    if stage in ("evaluate", "detect"):
+        # the detector's own section (SimpleNet, ReContrast); Deep SAD's fields sit on the detector itself
+        sec = cfg.evaluator if stage == "evaluate" else getattr(cfg.detector, cfg.detector.name, cfg.detector)
+        if not hasattr(sec, "num_workers"):  # SSD: no Ray Train run, the driver scores it
+            return 1.0, 0.0
         return (sec.num_workers * sec.resources_per_worker.get("CPU", 1.0),
                 sec.num_workers * (sec.resources_per_worker.get("GPU", 1.0) if sec.use_gpu else 0.0))
     if stage == "preference":

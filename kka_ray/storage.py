@@ -108,6 +108,13 @@ class RunLocation:
         self.local = Path(local)
         self.remote = remote
         self._uploaded: dict[str, tuple[int, int]] = {}
+        self._fs = None
+
+    def _remote_fs(self):
+        """``(filesystem, root)`` of the remote URI, opened once (s3/gs open a client each time)."""
+        if self._fs is None:
+            self._fs = filesystem(self.remote)
+        return self._fs
 
     @property
     def uri(self) -> str:
@@ -118,7 +125,7 @@ class RunLocation:
         """Replace the staging copy with the remote run directory."""
         import pyarrow.fs as pafs
 
-        fs, root = filesystem(self.remote)
+        fs, root = self._remote_fs()
         if fs.get_file_info(root).type != pafs.FileType.Directory:
             raise FileNotFoundError(f"{self.remote} does not exist: it is not a kka run directory")
         shutil.rmtree(self.local, ignore_errors=True)
@@ -137,14 +144,18 @@ class RunLocation:
         if not (self.local / "config.yaml").is_file():  # uploading would delete the stored run
             raise FileNotFoundError(f"the staging copy {self.local} of {self.remote} has lost its config.yaml "
                                     "(deleted under the run?): nothing uploaded; resume from the stored run")
-        fs, root = filesystem(self.remote)
+        fs, root = self._remote_fs()
         local_fs = pafs.LocalFileSystem()
         now = _snapshot(self.local)
         changed = sorted((rel for rel, sig in now.items() if self._uploaded.get(rel) != sig),
                          key=lambda rel: rel == "state.json")
+        made: set[str] = set()
         for rel in changed:
             dest = f"{root.rstrip('/')}/{rel}"
-            fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
+            parent = dest.rsplit("/", 1)[0]
+            if parent not in made:
+                fs.create_dir(parent, recursive=True)
+                made.add(parent)
             pafs.copy_files(str(self.local / rel), dest, source_filesystem=local_fs, destination_filesystem=fs)
         for rel in sorted(self._uploaded.keys() - now.keys()):
             try:
@@ -161,7 +172,7 @@ class RunLocation:
             return (self.local / "state.json").is_file()
         import pyarrow.fs as pafs
 
-        fs, root = filesystem(self.remote)
+        fs, root = self._remote_fs()
         return fs.get_file_info(f"{root.rstrip('/')}/state.json").type != pafs.FileType.NotFound
 
     def cleanup(self) -> None:
@@ -178,18 +189,13 @@ class RunLocation:
         the end, also after a failure; returns where the run is kept (URI or absolute path).
         The staging copy is removed once uploaded, unless ``cleanup=False`` (to read results
         first; then call :meth:`cleanup`) or the last upload failed (it holds the only copy)."""
+        body = run.execute if stages is None else (lambda: run.execute_stages(stages))
         if self.remote is None:
-            if stages is None:
-                run.execute()
-            else:
-                run.execute_stages(stages)
+            body()
             return str(run.dir)
         run.on_stage_done = lambda _stage: self.push()
         try:
-            if stages is None:
-                run.execute()
-            else:
-                run.execute_stages(stages)
+            body()
         except BaseException:
             try:
                 self.push()

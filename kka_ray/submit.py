@@ -47,7 +47,8 @@ from typing import Any, Iterator, Mapping, TextIO
 import yaml
 
 import kka_ray
-from kka_ray.config import ConfigError, KKAConfig, load_config
+from kka_ray.cli import setup_logging
+from kka_ray.config import USER_ERRORS, ConfigError, KKAConfig, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def check_env_names(names: list[str], field: str) -> None:
         )
 
 
-def _load_runtime_env_file(path: str | os.PathLike) -> dict[str, Any]:
+def load_runtime_env_file(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--runtime-env {str(p)!r} does not exist")
@@ -141,7 +142,7 @@ def build_runtime_env(
 ) -> dict[str, Any]:
     """The job's runtime env: the repository as working_dir, the excludes, and only the allowed
     environment variables (``--runtime-env`` file, ``job.env_vars``, ``job.forward_env``)."""
-    base = _load_runtime_env_file(runtime_env_file) if runtime_env_file else {}
+    base = load_runtime_env_file(runtime_env_file) if runtime_env_file else {}
     if base.get("working_dir") not in (None, ".", str(root)):
         logger.warning("--runtime-env working_dir %r is replaced by the repository %s (the jobs live there)",
                        base["working_dir"], root)
@@ -246,7 +247,7 @@ def _only_this_address() -> Iterator[None]:
 
 def job_client(address: str) -> Any:
     """A connected ``JobSubmissionClient``; errors say how to fix the address or authentication."""
-    from ray.exceptions import AuthenticationError
+    from ray.exceptions import AuthenticationError, RayError
     from ray.job_submission import JobSubmissionClient
 
     try:
@@ -254,6 +255,10 @@ def job_client(address: str) -> Any:
             return JobSubmissionClient(address)
     except AuthenticationError as err:
         raise JobServerError(_auth_message(address, err)) from None
+    except (ValueError, RayError) as err:  # an address Ray cannot parse, or a cluster it cannot reach
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise JobServerError(f"{address!r} is not a reachable Ray job server address ({first}): use the "
+                             "dashboard's http://HOST:8265 (--address, job.address or RAY_ADDRESS)") from None
     except ConnectionError as err:
         raise JobServerError(
             f"cannot reach a Ray job server at {address} ({str(err).splitlines()[0]}): start a head with "
@@ -469,18 +474,13 @@ def job_config_args(argv: list[str], environ: Mapping[str, str] = os.environ) ->
     return ["--config", str(path), *argv]
 
 
-def _driver_logging(level: str) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kka_ray").setLevel(getattr(logging, level))
-
-
 def _job_errors(fn):
     """One ``kka: error:`` line on stderr and exit 2 for wrong input (config, paths, stage order)."""
 
     def wrapper(argv: list[str] | None = None) -> int:
         try:
             return fn(list(sys.argv[1:] if argv is None else argv))
-        except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as err:
+        except USER_ERRORS as err:
             print(f"kka: error: {err}", file=sys.stderr)
             return 2
 
@@ -501,7 +501,7 @@ def generate_main(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     args = p.parse_args(job_config_args(argv))
     run, where = create_run(load_config(args.config, args.overrides), args.output)
-    _driver_logging(run.cfg.run.log_level)
+    setup_logging(run.cfg.run.log_level)
     out = where.execute(run, ["prep", "iter1.generate"], cleanup=False)
     n = run.stage_result("iter1.generate").get("n_kept", 0)
     where.cleanup()
@@ -530,10 +530,10 @@ def preference_main(argv: list[str]) -> int:
     if problem or f"iter{k}.preference" in done:
         where.cleanup()  # a remote run's staging copy: nothing changed
         if problem:
-            raise ValueError(problem)
+            raise ConfigError(problem)
         print(f"iteration {k} of {where.uri} already has its DPO update (adapter version {run.state.data['adapter_version']})")
         return 0
-    _driver_logging(run.cfg.run.log_level)
+    setup_logging(run.cfg.run.log_level)
     out = where.execute(run, [f"iter{k}.preference"], cleanup=False)
     result = run.stage_result(f"iter{k}.preference")
     where.cleanup()

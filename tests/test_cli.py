@@ -31,3 +31,17 @@ def test_console_script_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "kka_ray.cli", "--help"], capture_output=True, text=True, check=True).stdout
     for cmd in ("run", "prepare", "config", "report"):
         assert cmd in out
+
+
+def test_wrong_input_is_one_error_line_not_a_traceback(tmp_path, capsys):
+    # a job server address Ray cannot read
+    assert main(["status", "kka-run-x", "--address", "foo"]) == 2
+    assert "'foo' is not a reachable Ray job server address" in capsys.readouterr().err
+    # drawer training options come after `prepare drawer`
+    assert main(["prepare", "--cache", str(tmp_path), "drawer"]) == 2
+    assert "kka prepare drawer OUT_DIR" in capsys.readouterr().err
+    # kka eval reads run directories, not storage URIs
+    assert main(["eval", "s3://bucket/kka/run1"]) == 2
+    assert "not storage URIs (s3://bucket/kka/run1)" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path), "--detectors", "svm"]) == 2
+    assert "unknown detector(s) ['svm']" in capsys.readouterr().err

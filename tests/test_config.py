@@ -62,3 +62,8 @@ def test_unknown_template_name_is_an_error():
         load_config(overrides=["describer.template=nonexistent"])
     cfg = load_config(overrides=["describer.template='Write like this: {description}'"])
     assert "{description}" in cfg.describer.template
+
+
+def test_placement_strategy_needs_resources_to_reserve():
+    with pytest.raises(ConfigError, match="drawer.resources.*placement_strategy needs"):
+        load_config(overrides=["drawer.resources.num_cpus=0", "drawer.resources.placement_strategy=PACK"])

@@ -89,6 +89,10 @@ def test_registry_builds_each_detector_from_its_section():
     assert input_kind("simplenet") == "images" and input_kind("ssd") == "features"
     with pytest.raises(ValueError, match="unknown detector 'svm'"):
         input_kind("svm")
+    # image detectors need the built-in backbone's intermediate maps: refused before any download
+    for name in ("simplenet", "recontrast"):
+        with pytest.raises(ValueError, match="efficientnet_lite0"):
+            build_detector(name, section, DetectorContext(backbone="timm:resnet18"))
 
 
 def test_detector_config_names_the_bad_field():
@@ -98,6 +102,8 @@ def test_detector_config_names_the_bad_field():
         load_config(overrides=["detector.name=svm"])
     with pytest.raises(ConfigError, match="detector.simplenet.epochs"):
         load_config(overrides=["detector.simplenet.epochs=0"])
+    with pytest.raises(ConfigError, match="detector.cmda.*mix_low"):
+        load_config(overrides=["detector.cmda.mix_low=0.9"])
     cfg = load_config(overrides=["detector.name=simplenet", "detector.baselines=[ssd,cmda]"])
     assert cfg.detector.name == "simplenet" and cfg.detector.baselines == ["ssd", "cmda"]
 

@@ -49,3 +49,14 @@ def test_resource_seconds_from_declared_roles():
                                      "drawer.resources.num_gpus=1", "evaluator.use_gpu=true", "evaluator.num_workers=4"])
     # gpu = (1*2 + 1*1) * 10 + 4 workers * 1 GPU * 4 s = 46; cpu = (1*2 + 1)*10 + 4*1*4 + 1 + 2 + 5 = 54
     assert resource_seconds(gpu_cfg, secs) == {"cpu": 54.0, "gpu": 46.0}
+
+
+def test_detect_stage_resources_follow_the_configured_detector():
+    from kka_ray.config import load_config
+    from kka_ray.metrics import stage_resources
+
+    assert stage_resources(load_config(overrides=["detector.num_workers=3"]), "detect") == (3.0, 0.0)
+    simplenet = load_config(overrides=["detector.name=simplenet", "detector.simplenet.num_workers=2",
+                                       "detector.simplenet.resources_per_worker={CPU: 4}"])
+    assert stage_resources(simplenet, "detect") == (8.0, 0.0)
+    assert stage_resources(load_config(overrides=["detector.name=ssd", "detector.num_workers=3"]), "detect") == (1.0, 0.0)

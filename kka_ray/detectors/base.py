@@ -23,7 +23,7 @@ import tempfile
 import time
 import uuid
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -67,7 +67,6 @@ class DetectorContext:
     image_size: int = 64
     device: str = "cpu"
     seed: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)
 
     def storage(self, prefix: str) -> str:
         if self.storage_path is None:
@@ -147,6 +146,13 @@ class Detector(ABC):
         det.fit_info_ = meta.get("fit_info", {})
         det.fitted_ = True
         return det
+
+
+def check_which(which: str) -> str:
+    """``which`` of ``decision_function``: the validation-chosen epoch or the last one."""
+    if which not in ("selected", "last"):
+        raise ValueError(f"which must be 'selected' or 'last', got {which!r}")
+    return which
 
 
 def check_rows(x: np.ndarray, what: str, kind: InputKind) -> np.ndarray:

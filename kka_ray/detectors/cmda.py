@@ -74,9 +74,14 @@ class CMDA(Detector):
         if len(self.normal_texts) != len(normal):
             raise ValueError(f"CMDA needs one caption per normal row: {len(self.normal_texts)} captions for "
                              f"{len(normal)} rows (pass normal_texts=split.train.captions)")
-        cache = self.context.cache_dir or str(Path("~/.cache/kka_ray").expanduser())
-        t_norm = embed_sentences(self.normal_texts, cache)
-        t_anom = embed_sentences(self.anomaly_texts(), cache)
+        from kka_ray.config import PathsSection
+
+        cache = self.context.cache_dir or str(PathsSection().cache_dir())
+        # captions repeat (templates x class names): encode each distinct one once
+        # (one encoder load for both kinds of text)
+        unique, index = np.unique(np.asarray(self.normal_texts, dtype=object).astype(str), return_inverse=True)
+        emb = embed_sentences(unique.tolist() + self.anomaly_texts(), cache)
+        t_norm, t_anom = emb[: len(unique)][index], emb[len(unique):]
         w, b = ridge_map(t_norm.astype(np.float64), normal.astype(np.float64), self.cfg.ridge_alpha)
         mapped = t_anom @ w + b
         return interpolate(normal, mapped, self.cfg.n_samples, self.cfg.mix_low, self.cfg.mix_high, self.context.seed)

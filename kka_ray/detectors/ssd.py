@@ -62,14 +62,13 @@ class SSD(Detector):
                                MIN_ANOMALIES, len(anomalies))
         self.n_anomalies_ = n_anom
         self.fit_info_ = {"few_shot": self.anomaly_ is not None, "n_anomalies": n_anom, "selected_epoch": None}
+        self.fitted_ = True
         if validation is not None and validation.has_anomalies:
             from kka_ray.training.ray_fit import validation_auroc
 
-            self.fitted_ = True
             vx, vy = validation.arrays()
             auroc = validation_auroc(self.decision_function(vx), vy)
             self.fit_info_.update(selected_val_auroc=auroc, last_val_auroc=auroc)
-        self.fitted_ = True
         return self
 
     def decision_function(self, x: np.ndarray, which: Literal["selected", "last"] = "selected") -> np.ndarray:

@@ -11,6 +11,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from kka_ray.config import ConfigError
 from kka_ray.detectors.registry import INPUT_KINDS
 from kka_ray.evaluation.runner import DEFAULT_SEEDS
 
@@ -37,6 +38,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def find_runs(paths: list[str]) -> list[Path]:
+    from kka_ray.storage import is_uri
+
+    uris = [p for p in paths if is_uri(p)]
+    if uris:
+        raise ConfigError(f"kka eval reads run directories on this machine, not storage URIs ({uris[0]}): "
+                          "copy the run directories here first")
     runs: list[Path] = []
     for p in map(Path, paths):
         if (p / "config.yaml").is_file():
@@ -49,27 +56,22 @@ def find_runs(paths: list[str]) -> list[Path]:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from kka_ray.evaluation.runner import evaluate_run, load_rows
+    from kka_ray.evaluation.runner import cached_rows, evaluate_run
     from kka_ray.evaluation.tables import MAIN_COLUMNS, to_markdown, main_table, write_tables
 
     detectors = [d.strip() for d in args.detectors.split(",") if d.strip()]
     unknown = [d for d in detectors if d not in INPUT_KINDS]
     if unknown:
-        raise ValueError(f"unknown detector(s) {unknown} in --detectors: choose from {sorted(INPUT_KINDS)}")
+        raise ConfigError(f"unknown detector(s) {unknown} in --detectors: choose from {sorted(INPUT_KINDS)}")
     if args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+        raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
     items = [*args.runs, *args.overrides]  # argparse gives every positional to RUN_DIR
     overrides = [i for i in items if "=" in i]
     runs = find_runs([i for i in items if "=" not in i])
     rows = []
     if args.no_fit:
-        from kka_ray.config import load_config
-        from kka_ray.evaluation.runner import settings_hash
-
         for run in runs:
-            section = load_config(run / "config.yaml", overrides).detector
-            rows += [r for r in load_rows(run)
-                     if r["detector"] in detectors and r.get("settings") == settings_hash(section, r["detector"])]
+            rows += cached_rows(run, detectors, overrides)
     else:
         from kka_ray.config import load_config
         from kka_ray.loop import init_ray

@@ -51,13 +51,13 @@ def split_members(members: list[Member], fraction: float) -> tuple[list[Member],
 class RunInputs:
     """Normal and anomaly rows of one run directory, as features or images."""
 
-    def __init__(self, run_dir: str | Path, cfg: KKAConfig | None = None, split: "OneClassSplit | None" = None) -> None:
+    def __init__(self, run_dir: str | Path, cfg: KKAConfig | None = None) -> None:
         self.dir = Path(run_dir)
         cfg_path = self.dir / "config.yaml"
         if cfg is None and not cfg_path.is_file():
             raise FileNotFoundError(f"{self.dir} has no config.yaml: it is not a kka run directory")
         self.cfg = cfg if cfg is not None else load_config(cfg_path)
-        self._split = split
+        self._split: "OneClassSplit | None" = None
         self._features: dict[str, np.ndarray] | None = None
         self._normalizer = None
         self.store = AnomalyStore(self.dir / "anomalies")
@@ -106,6 +106,10 @@ class RunInputs:
                 raise FileNotFoundError(f"{path} does not exist: the run's prep stage has not finished")
             self._features = load_file(str(path))
         return self._features
+
+    def remember_prep(self, features: dict[str, np.ndarray], normalizer) -> None:
+        """Keep what the prep stage just computed instead of reading it back from disk."""
+        self._features, self._normalizer = features, normalizer
 
     def normalizer(self):
         if self._normalizer is None:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kka_ray.config import ConfigError
 from kka_ray.data.store import write_json_atomic
 from kka_ray.detectors.base import DetectorContext, Validation
 from kka_ray.detectors.registry import TAKES_ANOMALIES, build_detector, input_kind
@@ -45,11 +46,11 @@ def detector_context(inputs: RunInputs, storage: Path, seed: int) -> DetectorCon
 
 
 def fit_and_score(inputs: RunInputs, name: str, iteration: int, seed: int, save_dir: Path | None = None,
-                  storage: Path | None = None, section=None) -> dict[str, Any]:
+                  storage: Path | None = None) -> dict[str, Any]:
     """Fit detector ``name`` on normals + the anomaly set after ``iteration`` (0: none) and score test."""
-    section = section if section is not None else inputs.cfg.detector
+    section = inputs.cfg.detector
     kind = input_kind(name)
-    start = time.perf_counter()
+    start, decode_errors = time.perf_counter(), inputs.decode_errors
     members = inputs.members(iteration) if iteration > 0 else []
     train_m, val_m = split_members(members, section.validation_fraction)
     anomalies = inputs.anomalies(train_m, kind) if train_m else None
@@ -79,7 +80,7 @@ def fit_and_score(inputs: RunInputs, name: str, iteration: int, seed: int, save_
         "tpr_at_threshold": float(pred[targets == 1].mean()), "fpr_at_threshold": float(pred[targets == 0].mean()),
         "n_anomalies_train": 0 if anomalies is None else int(len(anomalies)),
         "n_anomalies_val": 0 if val_anomalies is None else int(len(val_anomalies)),
-        "n_anomaly_set": len(members), "decode_errors": inputs.decode_errors,
+        "n_anomaly_set": len(members), "decode_errors": inputs.decode_errors - decode_errors,
         "fit_info": det.fit_info_, "seconds": round(time.perf_counter() - start, 3),
     }
 
@@ -109,15 +110,10 @@ def evaluate_run(run_dir: str | Path, detectors: list[str], seeds: int = DEFAULT
 
     ``include_none=False`` skips the no-anomaly rows (another run of the same split has them).
     ``overrides`` (``detector.<...>=value``) change the detectors' settings from the run's own."""
-    from kka_ray.config import ConfigError, load_config
-
-    bad = [o for o in overrides or [] if not o.startswith("detector.")]
-    if bad:
-        raise ConfigError(f"evaluation overrides may only change detector.* settings, got {bad}")
-    inputs = RunInputs(run_dir, cfg=load_config(Path(run_dir) / "config.yaml", overrides or []))
+    inputs = RunInputs(run_dir, cfg=run_config(run_dir, overrides))
     done = inputs.completed_iterations()
     if iterations not in ("all", "last"):
-        raise ValueError(f"iterations must be 'all' or 'last', got {iterations!r}")
+        raise ConfigError(f"iterations must be 'all' or 'last', got {iterations!r}")
     kka_iters = done if iterations == "all" else done[-1:]
     if not done:
         logger.warning("%s has no completed iteration: only the no-anomaly rows can be evaluated", inputs.dir)
@@ -148,7 +144,23 @@ def evaluate_run(run_dir: str | Path, detectors: list[str], seeds: int = DEFAULT
     return rows
 
 
-def load_rows(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Every cached result row of a run (what ``kka eval --no-fit`` tabulates)."""
+def run_config(run_dir: str | Path, overrides: list[str] | None = None):
+    """A run's own config with ``detector.*`` overrides (the only ones evaluation may change)."""
+    from kka_ray.config import load_config
+
+    bad = [o for o in overrides or [] if not o.startswith("detector.")]
+    if bad:
+        raise ConfigError(f"evaluation overrides may only change detector.* settings, got {bad}")
+    return load_config(Path(run_dir) / "config.yaml", overrides or [])
+
+
+def cached_rows(run_dir: str | Path, detectors: list[str], overrides: list[str] | None = None) -> list[dict[str, Any]]:
+    """The cached result rows of a run for ``detectors`` at the settings the overrides give
+    (what ``kka eval --no-fit`` tabulates)."""
     out = Path(run_dir) / "eval" / "results"
-    return [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))] if out.is_dir() else []
+    if not out.is_dir():
+        return []
+    section = run_config(run_dir, overrides).detector
+    tags = {d: settings_hash(section, d) for d in detectors}
+    rows = (json.loads(p.read_text()) for p in sorted(out.glob("*.json")))
+    return [r for r in rows if r["detector"] in tags and r.get("settings") == tags[r["detector"]]]

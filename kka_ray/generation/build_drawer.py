@@ -147,14 +147,12 @@ def build_pixel_drawer(
     seed: int = 0,
 ) -> Path:
     """Build a random-init pixel drawer around the text encoder in ``text_encoder_dir`` and save it to ``out_dir``."""
-    from transformers import BertModel, BertTokenizerFast
+    from kka_ray.generation.minilm import load_minilm
 
-    src = Path(text_encoder_dir)
-    if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src} is not a transformers model directory (no config.json): run `kka prepare models`")
+    text_encoder, tokenizer = load_minilm(text_encoder_dir)
     pipe = build_pixel_pipeline(
-        BertModel.from_pretrained(src),
-        BertTokenizerFast.from_pretrained(src),
+        text_encoder,
+        tokenizer,
         image_size=image_size,
         channels=channels,
         block_out_channels=block_out_channels,
@@ -193,29 +191,29 @@ def assemble_pixel_drawer(assets_dir: str | os.PathLike, text_encoder_dir: str |
     ``cross_attention_dim`` must match the encoder's hidden size.
     """
     from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import BertModel, BertTokenizerFast
 
+    from kka_ray.generation.minilm import load_minilm
     from kka_ray.generation.pixel_pipeline import DEFAULT_MAX_TEXT_LENGTH, KKAPixelDiffusionPipeline
 
     assets = Path(assets_dir)
     info = read_drawer_info(assets)
-    src = Path(text_encoder_dir)
-    if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src} is not a transformers model directory (no config.json): run `kka prepare models`")
+    text_encoder, tokenizer = load_minilm(text_encoder_dir)
     try:
         unet = UNet2DConditionModel.from_pretrained(assets / "unet", use_safetensors=True)
     except (OSError, ValueError) as err:
         raise FileNotFoundError(f"cannot load the drawer UNet from {assets / 'unet'} ({type(err).__name__}: {err})") from None
     pipe = KKAPixelDiffusionPipeline(
         unet=unet.eval(),
-        text_encoder=BertModel.from_pretrained(src).eval(),
-        tokenizer=BertTokenizerFast.from_pretrained(src),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
         scheduler=DDIMScheduler.from_pretrained(assets / "scheduler"),
         max_text_length=int(info.get("max_text_length", DEFAULT_MAX_TEXT_LENGTH)),
     )
     out = Path(out_dir)
     pipe.save_pretrained(out, safe_serialization=True)
-    (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    from kka_ray.data.store import write_json_atomic
+
+    write_json_atomic(info, out / INFO_FILE)
     logger.info("pixel drawer assembled in %s from %s (UNet sha256 %s)", out, assets, str(info.get("unet_sha256"))[:12])
     return out
 

@@ -99,16 +99,23 @@ def load_minilm_tokenizer():
         return BertTokenizerFast.from_pretrained(tmp)
 
 
+def load_minilm(model_dir: str | os.PathLike):
+    """``(BertModel in eval mode, BertTokenizerFast)`` from a transformers model directory."""
+    from transformers import BertModel, BertTokenizerFast
+
+    src = Path(model_dir)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src} is not a transformers model directory (no config.json): run `kka prepare models`")
+    return BertModel.from_pretrained(src).eval(), BertTokenizerFast.from_pretrained(src)
+
+
 def embed_sentences(texts: list[str], cache_dir: str | os.PathLike, batch_size: int = 64):
     """Sentence embeddings as sentence-transformers computes them for all-MiniLM-L6-v2: mean of the
     token states over the attention mask, L2-normalised; float32 numpy (n, 384)."""
     import numpy as np
     import torch
-    from transformers import BertModel, BertTokenizerFast
 
-    model_dir = prepare_minilm(cache_dir)
-    tok = BertTokenizerFast.from_pretrained(str(model_dir))
-    model = BertModel.from_pretrained(str(model_dir)).eval()
+    model, tok = load_minilm(prepare_minilm(cache_dir))
     out = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):

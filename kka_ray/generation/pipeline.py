@@ -60,10 +60,7 @@ def role_options(res: RoleResources) -> dict[str, Any]:
 def role_bundle(res: RoleResources) -> dict[str, float]:
     """One placement-group bundle: the resources one actor of the role holds."""
     bundle = {"CPU": res.num_cpus, "GPU": res.num_gpus, **res.resources}
-    bundle = {k: float(v) for k, v in bundle.items() if v > 0}
-    if not bundle:
-        raise ValueError("a role with placement_strategy needs num_cpus, num_gpus or a custom resource > 0")
-    return bundle
+    return {k: float(v) for k, v in bundle.items() if v > 0}  # never empty: RoleResources checks it
 
 
 def start_pool(

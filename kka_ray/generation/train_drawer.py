@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -36,7 +35,6 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-INFO_FILE = "drawer_info.json"
 
 # ----------------------------------------------------------------------------------------
 # captions
@@ -191,7 +189,11 @@ def train_unet_steps(unet, scheduler, images, labels, states, masks, caption_ids
     unet.to(device).train()
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = {k: v.detach().clone().float() for k, v in unet.state_dict().items()}
+    live = unet.state_dict()  # detached views of the parameters and buffers: updated in place by the optimiser
+    ema = {k: v.detach().clone().float() for k, v in live.items()}
+    ema_float = [ema[k] for k, v in live.items() if v.dtype.is_floating_point]
+    live_float = [v for v in live.values() if v.dtype.is_floating_point]
+    ema_other = [(ema[k], v) for k, v in live.items() if not v.dtype.is_floating_point]
     alphas = scheduler.alphas_cumprod.to(device)
     snr_all = alphas / (1.0 - alphas)
     class_ids = [torch.as_tensor(ids, dtype=torch.long) for ids in caption_ids]
@@ -200,7 +202,6 @@ def train_unet_steps(unet, scheduler, images, labels, states, masks, caption_ids
     n = images.shape[0]
     losses: list[float] = []
     start = last_ckpt = time.time()
-    step = 0
     for step in range(cfg.steps):
         elapsed = time.time() - start
         progress = step / cfg.steps
@@ -215,7 +216,8 @@ def train_unet_steps(unet, scheduler, images, labels, states, masks, caption_ids
         x0 = images[idx].to(device)
         lab = labels[idx]
         rows = torch.stack([class_ids[c][torch.randint(0, len(class_ids[c]), (1,), generator=gen)][0] for c in lab.tolist()])
-        ctx, ctx_mask = states[rows.to(device)], masks[rows.to(device)]
+        rows = rows.to(device)
+        ctx, ctx_mask = states[rows], masks[rows]
         drop = (torch.rand(cfg.batch_size, generator=gen) < cfg.cfg_drop).to(device)
         ctx = torch.where(drop[:, None, None], empty_state.expand_as(ctx), ctx)
         ctx_mask = torch.where(drop[:, None], empty_mask.expand_as(ctx_mask), ctx_mask)
@@ -233,11 +235,10 @@ def train_unet_steps(unet, scheduler, images, labels, states, masks, caption_ids
         opt.step()
         decay = min(cfg.ema_decay, (1.0 + step) / (10.0 + step))
         with torch.no_grad():
-            for k, v in unet.state_dict().items():
-                if v.dtype.is_floating_point:
-                    ema[k].mul_(decay).add_(v.detach().float(), alpha=1.0 - decay)
-                else:
-                    ema[k].copy_(v)
+            torch._foreach_mul_(ema_float, decay)
+            torch._foreach_add_(ema_float, [v.float() for v in live_float], alpha=1.0 - decay)
+            for e, v in ema_other:
+                e.copy_(v)
         losses.append(loss.item())
         if cfg.log_every and (step + 1) % cfg.log_every == 0:
             recent = losses[-cfg.log_every :]
@@ -255,53 +256,42 @@ def save_drawer_assets(out_dir: str | os.PathLike, unet, ema: dict, info: dict) 
     import copy
     import hashlib
 
-    from kka_ray.generation.build_drawer import make_pixel_scheduler
+    from kka_ray.data.store import write_json_atomic
+    from kka_ray.generation.build_drawer import INFO_FILE, make_pixel_scheduler
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     export = copy.deepcopy(unet).to("cpu").eval()
-    export.load_state_dict({k: v.to(export.state_dict()[k].dtype) for k, v in ema.items()})
+    export.load_state_dict(ema)  # copy_ casts each tensor to the parameter's dtype
     export.save_pretrained(out / "unet", safe_serialization=True)
     make_pixel_scheduler().save_pretrained(out / "scheduler")
     digest = hashlib.sha256((out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
-    (out / INFO_FILE).write_text(json.dumps({**info, "unet_sha256": digest}, indent=2) + "\n")
+    write_json_atomic({**info, "unet_sha256": digest}, out / INFO_FILE)
     return out
 
 
 def train_pixel_drawer(
     out_dir: str | os.PathLike,
+    config: DrawerTrainingConfig | None = None,
     *,
-    steps: int = 4000,
-    batch_size: int = 64,
-    lr: float = 2e-3,
-    image_size: int = 28,
-    device: str = "auto",
-    seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
     data_path: str | os.PathLike | None = None,
-    time_budget_s: float | None = None,
-    max_train_images: int | None = None,
-    threads: int | None = 2,
-    config: DrawerTrainingConfig | None = None,
 ) -> Path:
     """Train the default drawer's UNet on the Fashion-MNIST training split; return ``out_dir`` (drawer assets).
 
-    ``cache_dir`` is the model cache where MiniLM is extracted (default ``~/.cache/kka_ray/models``).
-    The keyword arguments override the fields of ``config`` of the same name.
+    ``cache_dir`` is the model cache where MiniLM is extracted (default: the project's model
+    cache, ``paths.model_cache`` or ``$KKA_CACHE``).
     """
     import numpy as np
     import torch
-    from transformers import BertModel, BertTokenizerFast
 
+    from kka_ray.config import PathsSection
     from kka_ray.data.fashion_mnist import load_fashion_mnist
     from kka_ray.generation.build_drawer import make_pixel_scheduler, make_pixel_unet
-    from kka_ray.generation.minilm import prepare_minilm
+    from kka_ray.generation.minilm import load_minilm, prepare_minilm
     from kka_ray.generation.pixel_pipeline import DEFAULT_MAX_TEXT_LENGTH
 
-    cfg = dataclasses.replace(
-        config or DrawerTrainingConfig(), steps=steps, batch_size=batch_size, lr=lr, image_size=image_size,
-        device=device, seed=seed, time_budget_s=time_budget_s, max_train_images=max_train_images, threads=threads,
-    )  # fmt: skip
+    cfg = config or DrawerTrainingConfig()
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise ValueError(f"steps, batch_size must be >= 1 and lr > 0, got {cfg.steps}, {cfg.batch_size}, {cfg.lr}")
     if cfg.threads:
@@ -310,9 +300,8 @@ def train_pixel_drawer(
 
     dev = torch.device(resolve_device(cfg.device))
     torch.manual_seed(cfg.seed)
-    cache = Path(cache_dir).expanduser() if cache_dir else Path("~/.cache/kka_ray/models").expanduser()
-    te_dir = prepare_minilm(cache)
-    text_encoder, tokenizer = BertModel.from_pretrained(te_dir).eval(), BertTokenizerFast.from_pretrained(te_dir)
+    cache = Path(cache_dir).expanduser() if cache_dir else PathsSection().cache_dir()
+    text_encoder, tokenizer = load_minilm(prepare_minilm(cache))
 
     data = load_fashion_mnist(data_path, split="train")  # the training split only, never test
     images, labels = data.images, np.asarray(data.labels)
@@ -381,15 +370,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds (the LR schedule follows it)")
     parser.add_argument("--max-train-images", type=int, default=None)
-    parser.add_argument("--cache-dir", default=None, help="model cache for MiniLM (default ~/.cache/kka_ray/models)")
+    parser.add_argument("--cache-dir", default=None, help="model cache for MiniLM (default: paths.model_cache, ~/.cache/kka_ray or $KKA_CACHE)")
     parser.add_argument("--data-path", default=None, help="Fashion-MNIST folder (default: the system dataset)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    train_pixel_drawer(
-        args.out_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr, image_size=args.image_size,
-        device=args.device, seed=args.seed, cache_dir=args.cache_dir, data_path=args.data_path,
-        time_budget_s=args.time_budget, max_train_images=args.max_train_images, threads=args.threads or None,
+    config = dataclasses.replace(
+        defaults, steps=args.steps, batch_size=args.batch_size, lr=args.lr, image_size=args.image_size,
+        device=args.device, seed=args.seed, time_budget_s=args.time_budget, max_train_images=args.max_train_images,
+        threads=args.threads or None,
     )  # fmt: skip
+    train_pixel_drawer(args.out_dir, config, cache_dir=args.cache_dir, data_path=args.data_path)
     return 0
 
 

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 # Names accepted for the built-in backbone (config values are written with '_' or '-').
-_EFFICIENTNET_LITE0_ALIASES = {"efficientnet_lite0", "efficientnet-lite0"}
+EFFICIENTNET_LITE0_ALIASES = frozenset({"efficientnet_lite0", "efficientnet-lite0"})
 _LITE0_DIR = "efficientnet-lite0"
 _WEIGHTS_FILE = "model.safetensors"
 LITE0_FEATURE_DIM = 1280
@@ -114,7 +114,9 @@ class _PooledHead(nn.Module):
         return y.flatten(1)
 
 
-def _load_efficientnet_lite0(cache_dir: str | os.PathLike) -> nn.Module:
+def load_efficientnet_lite0_net(cache_dir: str | os.PathLike) -> nn.Module:
+    """The bare ImageNet EfficientNet-Lite0 network (all its blocks) from the model cache,
+    converted from the installed package first if needed."""
     from safetensors.torch import load_file
 
     path = efficientnet_lite0_weights_path(cache_dir)
@@ -128,7 +130,11 @@ def _load_efficientnet_lite0(cache_dir: str | os.PathLike) -> nn.Module:
         prepare_efficientnet_lite0(cache_dir)
     net = _build_efficientnet_lite0()
     net.load_state_dict(load_file(str(path)), strict=True)
-    return EfficientNetLite0Features(net)
+    return net
+
+
+def _load_efficientnet_lite0(cache_dir: str | os.PathLike) -> nn.Module:
+    return EfficientNetLite0Features(load_efficientnet_lite0_net(cache_dir))
 
 
 def _load_torchvision(name: str) -> nn.Module:
@@ -161,7 +167,7 @@ def load_backbone(name: str, cache_dir: str | os.PathLike, device: str | torch.d
     ``name``: ``"efficientnet_lite0"`` (from the model cache), ``"torchvision:<model>"`` or
     ``"timm:<model>"``. The module has a ``feature_dim`` attribute (``None`` when unknown).
     """
-    if name in _EFFICIENTNET_LITE0_ALIASES:
+    if name in EFFICIENTNET_LITE0_ALIASES:
         model = _load_efficientnet_lite0(cache_dir)
     elif name.startswith("torchvision:"):
         model = _load_torchvision(name.split(":", 1)[1])

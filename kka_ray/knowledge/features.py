@@ -52,6 +52,22 @@ def as_uint8_rgb(images: np.ndarray) -> np.ndarray:
     return images
 
 
+def normalize_images(images: np.ndarray, image_size: int, device: Any = "cpu") -> Any:
+    """uint8 (N, H, W[, C]) -> float tensor (N, 3, S, S) on ``device``: grey copied to RGB,
+    bilinear resize (antialiased when shrinking), ImageNet mean/std normalisation."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(as_uint8_rgb(images))).to(device)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    if x.shape[-2:] != (image_size, image_size):
+        # antialias only acts when shrinking; upscaling (28 -> 64 px) is plain bilinear
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 class FeatureExtractor:
     """Pooled features of a frozen pretrained backbone: ``f`` in Eq. 1.
 
@@ -80,8 +96,6 @@ class FeatureExtractor:
         self.device = torch.device(device)
         self.model = load_backbone(backbone, cache_dir if cache_dir is not None else _default_cache_dir(), self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
-        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
         self._feature_dim: int | None = getattr(self.model, "feature_dim", None)
 
     @property
@@ -93,15 +107,8 @@ class FeatureExtractor:
     def preprocess(self, images: np.ndarray) -> Any:
         """uint8 (N, H, W[, C]) -> normalised float tensor (N, 3, S, S), channels_last, on the device."""
         import torch
-        import torch.nn.functional as F
 
-        x = torch.from_numpy(np.ascontiguousarray(as_uint8_rgb(images))).to(self.device)
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            # antialias only acts when shrinking; upscaling (28 -> 64 px) is plain bilinear
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True)
-        x = (x - self._mean) / self._std
-        return x.contiguous(memory_format=torch.channels_last)
+        return normalize_images(images, self.image_size, self.device).contiguous(memory_format=torch.channels_last)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         import torch

@@ -14,12 +14,10 @@ Train v2). It reads its shard of the ``"train"`` Ray Dataset (columns ``x``: flo
    ``model.safetensors`` (phi's state dict), ``center.safetensors`` and ``meta.json``
    (config, input shape, loss history; Train v2 keeps metrics only with checkpoints).
 
-Report throttling: the Train v2 controller takes one result per worker per poll
-(``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s) through a queue of size 1, so reporting every
-epoch makes epochs shorter than 2 s wait for the controller. An epoch is therefore reported
-when at least ``MIN_REPORT_INTERVAL_S`` passed since the last report (rank 0 decides and the
-flag is summed with the epoch loss, so all workers report equally often), and always at the
-end; ``meta.json`` keeps every epoch's loss regardless.
+With a ``"val"`` dataset (held-out normals and generated anomalies) the epoch with the best
+validation AUROC is kept as phi and the last one as ``model_last.safetensors``. Intermediate
+epochs are reported through :class:`kka_ray.training.ray_fit.ReportThrottle` (at most every 2 s,
+equally often on every worker); ``meta.json`` keeps every epoch's loss regardless.
 
 The checkpoint file helpers at the bottom are shared with :mod:`kka_ray.training.trainer`.
 """
@@ -38,7 +36,7 @@ from kka_ray.detectors.deep_sad.loss import center_from_sums, deep_sad_loss
 from kka_ray.detectors.deep_sad.torch_model import build_autoencoder, build_network
 from kka_ray.training.checkpoint import read_checkpoint, write_checkpoint
 from kka_ray.training.ray_fit import (
-    MIN_REPORT_INTERVAL_S, global_sum, read_val, report_final, unwrap, validation_auroc,
+    EpochSelector, ReportThrottle, global_sum, read_val, report_final, unwrap, validation_auroc,
 )
 
 logger = logging.getLogger(__name__)
@@ -91,9 +89,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
 
     history: list[dict[str, Any]] = []
     net = build_network(cfg, in_shape)
-    # "val" (optional, whole on every worker): held-out normals (label 0) and generated anomalies
+    # "val" (optional; rank 0 reads it, as only rank 0 chooses and writes): held-out normals (label 0) and generated anomalies
     # (label 1); the epoch with the best validation AUROC is kept, never one chosen on test.
-    val = read_val("val", {"x": torch.float32, "label": torch.float32})
+    val = read_val("val", {"x": torch.float32, "label": torch.float32}) if rank == 0 else None
 
     # 1. optional autoencoder pre-training; its encoder initialises phi
     if cfg.pretrain_autoencoder:
@@ -141,8 +139,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     # 3. Deep SAD training
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.lr_milestones), gamma=LR_GAMMA)
-    last_report = time.perf_counter()
-    best: dict[str, Any] = {"epoch": None, "auroc": None, "state": None}
+    throttle = ReportThrottle(rank, world, device)
+    chosen = EpochSelector()
     for epoch in range(cfg.epochs):
         t_epoch = time.perf_counter()
         net.train()
@@ -158,21 +156,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
             opt.step()
             total, n = total + loss.item() * x.shape[0], n + x.shape[0]
         sched.step()
-        due = float(rank == 0 and time.perf_counter() - last_report >= MIN_REPORT_INTERVAL_S)
-        total, n, due = global_sum([total, n, due], device, world)
+        total, n = global_sum([total, n], device, world)
         metrics = {"epoch": epoch + 1, "loss": total / max(n, 1.0)}
         if val is not None:
             metrics["val_auroc"] = _val_auroc(raw, center, val)
-            if metrics["val_auroc"] is not None and (best["auroc"] is None or metrics["val_auroc"] > best["auroc"]):
-                best = {"epoch": epoch + 1, "auroc": metrics["val_auroc"],
-                        "state": {k: v.detach().clone() for k, v in raw.state_dict().items()}}
+            chosen.update(epoch + 1, metrics["val_auroc"], raw.state_dict)
         history.append({"stage": "deep_sad", **metrics, "seconds": time.perf_counter() - t_epoch})
         if rank == 0:
             logger.info("Deep SAD epoch %d/%d: loss %.6f", epoch + 1, cfg.epochs, metrics["loss"])
         if epoch < cfg.epochs - 1:
-            if due > 0:
-                ray.train.report(metrics)
-                last_report = time.perf_counter()
+            throttle.maybe_report(metrics)
             continue
         meta = {
             "format_version": FORMAT_VERSION,
@@ -183,16 +176,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
             "world_size": world,
             "num_samples": num_samples,
             "loop_seconds": time.perf_counter() - t_start,  # worker-side wall, for cost accounting
-            "selected_epoch": best["epoch"] or cfg.epochs,
-            "selected_val_auroc": best["auroc"],
-            "last_val_auroc": metrics.get("val_auroc"),
+            **chosen.meta(cfg.epochs, metrics.get("val_auroc")),
         }
-        last_state = raw.state_dict()
-        selected = best["state"] if best["state"] is not None and best["epoch"] != cfg.epochs else None
-
-        report_final(metrics, rank, lambda d: write_checkpoint_files(
-            d, selected if selected is not None else last_state, center, meta,
-            last_state if selected is not None else None), CHECKPOINT_DIR_NAME)
+        use, last = chosen.states(cfg.epochs, raw.state_dict())
+        report_final(metrics, rank, lambda d: write_checkpoint_files(d, use, center, meta, last), CHECKPOINT_DIR_NAME)
     return history
 
 

@@ -167,6 +167,36 @@ class ReportThrottle:
             self.last = time.perf_counter()
 
 
+class EpochSelector:
+    """The epoch with the best validation AUROC and a CPU copy of its weights (the first best wins).
+
+    Every worker loop calls :meth:`update` after each epoch that has a validation AUROC, then
+    :meth:`states` for what to write (the chosen weights, and the last epoch's when they differ)
+    and :meth:`meta` for the checkpoint's ``selected_epoch`` / ``selected_val_auroc`` /
+    ``last_val_auroc``. Without validation anomalies nothing is chosen and the last epoch is kept.
+    """
+
+    def __init__(self) -> None:
+        self.epoch: int | None = None
+        self.auroc: float | None = None
+        self.state: dict[str, Any] | None = None
+
+    def update(self, epoch: int, auroc: float | None, state_dict: Callable[[], dict[str, Any]]) -> None:
+        if auroc is not None and (self.auroc is None or auroc > self.auroc):
+            self.epoch, self.auroc = epoch, auroc
+            self.state = {k: v.detach().cpu().clone() for k, v in state_dict().items()}
+
+    def states(self, last_epoch: int, last_state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(weights to use, the last epoch's weights or None when they are the ones chosen)."""
+        if self.state is not None and self.epoch != last_epoch:
+            return self.state, last_state
+        return last_state, None
+
+    def meta(self, last_epoch: int, last_auroc: float | None) -> dict[str, Any]:
+        return {"selected_epoch": self.epoch or last_epoch, "selected_val_auroc": self.auroc,
+                "last_val_auroc": last_auroc}
+
+
 def report_final(metrics: dict[str, Any], rank: int, write_files: Callable[[str], None], checkpoint_dir_name: str) -> None:
     """Rank 0 writes the checkpoint files with ``write_files(directory)``; every worker reports once."""
     import ray.train

@@ -57,9 +57,9 @@ class DeepSADState:
             raise ValueError(f"score() expects an array shaped (n, {', '.join(map(str, self.in_shape))}), got {x.shape}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if which not in ("selected", "last"):
-            raise ValueError(f"which must be 'selected' or 'last', got {which!r}")
-        net = self.last_network if which == "last" and self.last_network is not None else self.network
+        from kka_ray.detectors.base import check_which
+
+        net = self.last_network if check_which(which) == "last" and self.last_network is not None else self.network
         net.eval()
         out = np.empty(len(x), dtype=np.float64)
         with torch.no_grad():

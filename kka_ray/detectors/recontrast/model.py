@@ -24,15 +24,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from kka_ray.config import ReContrastSection
-from kka_ray.detectors.base import Detector, DetectorContext, Validation, check_rows
-from kka_ray.knowledge.features import IMAGENET_MEAN, IMAGENET_STD, as_uint8_rgb
+from kka_ray.detectors.base import Detector, DetectorContext, Validation, check_rows, check_which
+from kka_ray.knowledge.features import normalize_images
 
 if TYPE_CHECKING:
     from kka_ray.detectors.recontrast.torch_model import ReContrastNet
 
 logger = logging.getLogger(__name__)
 
-BACKBONES = ("efficientnet_lite0", "efficientnet-lite0")
 # Images preprocessed per chunk (bounds the float copy in memory) and per scoring forward.
 PREPROCESS_CHUNK = 512
 SCORE_BATCH = 64
@@ -42,20 +41,11 @@ FINGERPRINT_RTOL = 1e-6
 
 
 def preprocess_images(images: np.ndarray, image_size: int) -> np.ndarray:
-    """uint8 (n, H, W[, 1|3]) -> float32 (n, 3, S, S): grey to RGB, bilinear (antialiased when
-    shrinking) resize, ImageNet normalisation -- the same steps as ``FeatureExtractor.preprocess``."""
-    import torch
-    import torch.nn.functional as F
-
-    rgb = as_uint8_rgb(images)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    out = np.empty((len(rgb), 3, image_size, image_size), np.float32)
-    for i in range(0, len(rgb), PREPROCESS_CHUNK):
-        x = torch.from_numpy(np.ascontiguousarray(rgb[i : i + PREPROCESS_CHUNK])).permute(0, 3, 1, 2).float().div_(255.0)
-        if x.shape[-2:] != (image_size, image_size):
-            x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
-        out[i : i + len(x)] = ((x - mean) / std).numpy()
+    """uint8 (n, H, W[, 1|3]) -> float32 (n, 3, S, S) with ``knowledge.features.normalize_images``
+    (the backbone's own preprocessing), a chunk at a time to bound the float copy."""
+    out = np.empty((len(images), 3, image_size, image_size), np.float32)
+    for i in range(0, len(images), PREPROCESS_CHUNK):
+        out[i : i + PREPROCESS_CHUNK] = normalize_images(images[i : i + PREPROCESS_CHUNK], image_size).numpy()
     return out
 
 
@@ -68,7 +58,9 @@ class ReContrast(Detector):
     def __init__(self, cfg: ReContrastSection | None = None, context: DetectorContext | None = None) -> None:
         self.cfg = cfg if cfg is not None else ReContrastSection()
         self.context = context or DetectorContext()
-        if self.context.backbone not in BACKBONES:
+        from kka_ray.knowledge.backbones import EFFICIENTNET_LITE0_ALIASES
+
+        if self.context.backbone not in EFFICIENTNET_LITE0_ALIASES:
             raise ValueError(f"ReContrast here is built on EfficientNet-Lite0's multi-scale stages; backbone "
                              f"{self.context.backbone!r} is not supported (set knowledge.backbone=efficientnet_lite0)")
         if self.context.image_size < MIN_IMAGE_SIZE:
@@ -165,8 +157,7 @@ class ReContrast(Detector):
     # -- scoring ------------------------------------------------------------------------------
     def _net(self, which: str) -> "ReContrastNet":
         self._check_fitted()
-        if which not in ("selected", "last"):
-            raise ValueError(f"which must be 'selected' or 'last', got {which!r}")
+        check_which(which)
         assert self.net_ is not None
         return self.last_net_ if which == "last" and self.last_net_ is not None else self.net_
 

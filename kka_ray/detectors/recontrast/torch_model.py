@@ -292,22 +292,12 @@ def smoothing_sigma(score_sigma: float, image_size: int) -> float:
     return float(score_sigma) * float(image_size) / REFERENCE_IMAGE_SIZE
 
 
-def load_lite0(cache_dir: str | os.PathLike) -> nn.Module:
-    """ImageNet EfficientNet-Lite0 from the model cache (converted once from the installed package)."""
-    from safetensors.torch import load_file
-
-    from kka_ray.knowledge.backbones import _build_efficientnet_lite0, prepare_efficientnet_lite0
-
-    path = prepare_efficientnet_lite0(cache_dir)  # idempotent: returns the existing file
-    net = _build_efficientnet_lite0()
-    net.load_state_dict(load_file(str(path)), strict=True)
-    return net
-
-
 def build_recontrast_net(cache_dir: str | os.PathLike, encoder_bn_train: bool = True,
                          encoder_bn_momentum: float | None = 0.1) -> ReContrastNet:
     """E_t and E_f from the pretrained Lite0, a fresh bottleneck and decoder (seed torch first)."""
-    lite0 = load_lite0(cache_dir)
+    from kka_ray.knowledge.backbones import load_efficientnet_lite0_net
+
+    lite0 = load_efficientnet_lite0_net(cache_dir)
     frozen = MultiScaleEncoder(lite0)
     trainable = MultiScaleEncoder(copy.deepcopy(lite0))
     if encoder_bn_momentum is not None:

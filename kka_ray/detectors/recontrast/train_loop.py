@@ -40,7 +40,7 @@ from kka_ray.detectors.recontrast.torch_model import (
     ReContrastNet, build_recontrast_net, image_scores, smoothing_sigma,
 )
 from kka_ray.training.checkpoint import read_checkpoint, write_checkpoint
-from kka_ray.training.ray_fit import ReportThrottle, global_sum, read_val, report_final, unwrap, validation_auroc
+from kka_ray.training.ray_fit import EpochSelector, ReportThrottle, global_sum, read_val, report_final, unwrap, validation_auroc
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
 
     throttle = ReportThrottle(rank, world, device)
     history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"epoch": None, "auroc": None, "state": None}
+    chosen = EpochSelector()
     it = 0
     if rank == 0:
         logger.info("ReContrast: %d epoch(s) x %d step(s), %d iterations, %d worker(s)", epochs, steps, total_iters, world)
@@ -167,9 +167,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         if val is not None:
             scores = score_images(raw, val["x"], cfg, image_size)
             metrics["val_auroc"] = validation_auroc(scores.numpy(), val["label"].cpu().numpy())
-            if metrics["val_auroc"] is not None and (best["auroc"] is None or metrics["val_auroc"] > best["auroc"]):
-                best = {"epoch": epoch + 1, "auroc": metrics["val_auroc"],
-                        "state": {k: v.detach().cpu().clone() for k, v in raw.trainable_state_dict().items()}}
+            chosen.update(epoch + 1, metrics["val_auroc"], raw.trainable_state_dict)
         history.append({**metrics, "seconds": time.perf_counter() - t_epoch})
         if rank == 0:
             logger.info("ReContrast epoch %d/%d: loss %.5f (normal %.5f), alpha %.2f, val AUROC %s",
@@ -178,20 +176,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         if epoch < epochs - 1:
             throttle.maybe_report(reported)
             continue
-        selected = best["state"] if best["state"] is not None and best["epoch"] != epoch + 1 else None
         meta = {
             "format_version": FORMAT_VERSION, "config": cfg.model_dump(mode="json"), "image_size": image_size,
             "seed": seed, "world_size": world, "history": history, "epochs": epochs, "steps_per_epoch": steps,
             "total_iters": total_iters, "iterations": it, "n_train": int(config["n_train"]),
             "n_anomalies": int(config.get("n_anomalies", 0)), "frozen_fingerprint": fingerprint,
-            "selected_epoch": best["epoch"] or epoch + 1, "selected_val_auroc": best["auroc"],
-            "last_val_auroc": metrics.get("val_auroc"), "loop_seconds": time.perf_counter() - t_start,
+            **chosen.meta(epoch + 1, metrics.get("val_auroc")), "loop_seconds": time.perf_counter() - t_start,
         }
-        last_state = {k: v.detach().cpu() for k, v in raw.trainable_state_dict().items()}
+        use, last = chosen.states(epoch + 1, {k: v.detach().cpu() for k, v in raw.trainable_state_dict().items()})
 
         def write(directory: str) -> None:
-            write_checkpoint_files(directory, selected if selected is not None else last_state,
-                                   last_state if selected is not None else None, meta)
+            write_checkpoint_files(directory, use, last, meta)
 
         report_final(reported, rank, write, CHECKPOINT_DIR_NAME)
     return history

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from kka_ray.config import SimpleNetSection
-from kka_ray.detectors.base import Detector, DetectorContext, Validation, check_rows
+from kka_ray.detectors.base import Detector, DetectorContext, Validation, check_rows, check_which
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,11 @@ class SimpleNet(Detector):
     def __init__(self, cfg: SimpleNetSection | None = None, context: DetectorContext | None = None) -> None:
         self.cfg = cfg if cfg is not None else SimpleNetSection()
         self.context = context if context is not None else DetectorContext()
+        from kka_ray.knowledge.backbones import EFFICIENTNET_LITE0_ALIASES
+
+        if self.context.backbone not in EFFICIENTNET_LITE0_ALIASES:
+            raise ValueError(f"SimpleNet needs the efficientnet_lite0 backbone's intermediate maps; "
+                             f"{self.context.backbone!r} gives only pooled features (set knowledge.backbone=efficientnet_lite0)")
         self.fit_info_: dict[str, Any] = {}
         self.fitted_ = False
         self._extractor: Any = None  # (FeatureExtractor, PatchFeatureExtractor), built on first use
@@ -71,11 +76,7 @@ class SimpleNet(Detector):
 
             fe = FeatureExtractor(self.context.backbone, self.context.image_size, self.context.cache_dir,
                                   self.context.device, FEATURE_BATCH)
-            trunk = getattr(fe.model, "net", None)
-            if trunk is None:
-                raise ValueError(f"SimpleNet needs the efficientnet_lite0 backbone's intermediate maps; "
-                                 f"{self.context.backbone!r} gives only pooled features (set knowledge.backbone=efficientnet_lite0)")
-            self._extractor = (fe, PatchFeatureExtractor(trunk, self.cfg.layers, self.cfg.patch_size))
+            self._extractor = (fe, PatchFeatureExtractor(fe.model.net, self.cfg.layers, self.cfg.patch_size))
         return self._extractor
 
     def patch_features(self, images: np.ndarray, what: str = "images") -> np.ndarray:
@@ -178,8 +179,7 @@ class SimpleNet(Detector):
         import torch
 
         self._check_fitted()
-        if which not in ("selected", "last"):
-            raise ValueError(f"which must be 'selected' or 'last', got {which!r}")
+        check_which(which)
         images = check_rows(images, "images", "images")
         head = self._heads[which]
         parts = []

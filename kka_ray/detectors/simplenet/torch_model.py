@@ -101,20 +101,13 @@ class PatchFeatureExtractor(nn.Module):
     def train(self, mode: bool = True) -> "PatchFeatureExtractor":
         return super().train(False)  # frozen: BatchNorm statistics never move
 
-    def grid(self, image_size: int) -> tuple[int, int]:
-        """(h, w) of the patch grid for square inputs of ``image_size`` (TF 'same' padding: ceil)."""
-        side = math.ceil(image_size / 2 ** self.layers[0])
-        return side, side
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         net = self.net
         x = net._swish(net._bn0(net._conv_stem(x)))
         maps: dict[int, torch.Tensor] = {}
         last_block = max(self.block_of.values())
-        rate = net._global_params.drop_connect_rate
         for idx, block in enumerate(net._blocks[: last_block + 1]):
-            # as extract_features does; drop connect is inactive in eval mode
-            x = block(x, drop_connect_rate=rate * float(idx) / len(net._blocks) if rate else rate)
+            x = block(x)  # always eval mode: extract_features' drop connect would be a no-op
             for k, b in self.block_of.items():
                 if b == idx:
                     maps[k] = x

@@ -32,7 +32,7 @@ from kka_ray.config import SimpleNetSection
 from kka_ray.detectors.simplenet.loss import truncated_l1_loss
 from kka_ray.detectors.simplenet.torch_model import SimpleNetHead, build_head
 from kka_ray.training.checkpoint import read_checkpoint, write_checkpoint
-from kka_ray.training.ray_fit import ReportThrottle, global_sum, read_val, report_final, unwrap, validation_auroc
+from kka_ray.training.ray_fit import EpochSelector, ReportThrottle, global_sum, read_val, report_final, unwrap, validation_auroc
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     device = ray.train.torch.get_device()
     shard = ray.train.get_dataset_shard("train")
     dtypes = {"x": torch.float32, "label": torch.int64}
-    val = read_val("val", {"x": torch.float32, "label": torch.float32})
+    # only rank 0 chooses the epoch and writes the checkpoint
+    val = read_val("val", {"x": torch.float32, "label": torch.float32}) if rank == 0 else None
 
     head = head_from_config(cfg, layer_channels, config.get("feature_mean"), config.get("feature_std"))
     model = ray.train.torch.prepare_model(head)
@@ -96,7 +97,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     throttle = ReportThrottle(rank, world, device)
 
     history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"epoch": None, "auroc": None, "state": None}
+    chosen = EpochSelector()
     images = {"normal": 0.0, "anomaly": 0.0}
     passes = 0
     for epoch in range(cfg.epochs):
@@ -149,9 +150,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         if val is not None:
             scores = image_scores(raw, val["x"].to(device))
             metrics["val_auroc"] = validation_auroc(scores.double().cpu().numpy(), val["label"].cpu().numpy())
-            if metrics["val_auroc"] is not None and (best["auroc"] is None or metrics["val_auroc"] > best["auroc"]):
-                best = {"epoch": epoch + 1, "auroc": metrics["val_auroc"],
-                        "state": {k: v.detach().clone() for k, v in raw.state_dict().items()}}
+            chosen.update(epoch + 1, metrics["val_auroc"], raw.state_dict)
         history.append({**metrics, "seconds": time.perf_counter() - t_epoch})
         if rank == 0:
             logger.info("SimpleNet meta epoch %d/%d: loss %.5f p_true %.3f p_fake %.3f val_auroc %s", epoch + 1,
@@ -171,12 +170,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         "num_normal_images": int(totals[0]),
         "num_anomaly_images": int(totals[1]),
         "loop_seconds": time.perf_counter() - t_start,
-        "selected_epoch": best["epoch"] or cfg.epochs,
-        "selected_val_auroc": best["auroc"],
-        "last_val_auroc": history[-1].get("val_auroc"),
+        **chosen.meta(cfg.epochs, history[-1].get("val_auroc")),
     }
     last_state = raw.state_dict()
-    selected = best["state"] if best["state"] is not None else last_state
+    selected = chosen.state if chosen.state is not None else last_state
 
     def write(directory: str) -> None:
         write_checkpoint_files(directory, selected, last_state, meta)

@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", default="0-9")
     p.add_argument("--modes", default="add,rep")
     p.add_argument("--iterations", type=int, default=1)
+    p.add_argument("--iterations-for", action="append", default=[], metavar="MODE=N",
+                   help="KKA iterations for one mode, e.g. rep=2 (rep equals add after one iteration)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--detectors", default="ssd,sad,simplenet,recontrast,cmda")
     p.add_argument("--root", default="runs/fmnist_table")
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from kka_ray.loop import init_ray
 
     classes, modes = parse_classes(args.classes), [m.strip() for m in args.modes.split(",") if m.strip()]
+    args.iterations = {m: args.iterations for m in modes} | {k: int(v) for k, v in (i.split("=") for i in args.iterations_for)}
     detectors = [d.strip() for d in args.detectors.split(",") if d.strip()]
     root = Path(args.root)
     start = time.perf_counter()
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not (run / "config.yaml").is_file():
                     continue
             else:
-                run = run_kka(root, c, mode, args.iterations, args.overrides)
+                run = run_kka(root, c, mode, args.iterations[mode], args.overrides)
             runs.append((run, mode))
     seeds_for = {d: args.seeds for d in detectors}
     seeds_for.update({k: int(v) for k, v in (item.split("=") for item in args.seeds_for)})
@@ -124,6 +127,17 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
     print(f"session wall time {time.perf_counter() - start:.0f} s; results in {RESULTS}")
     return 0
+
+
+def fitted_on(rows: list[dict]) -> dict[str, str]:
+    """Per detector, the devices its fits ran on with their counts (rows from before the
+    ``device`` field were fitted on this CPU)."""
+    from collections import Counter
+
+    counts: dict[str, Counter] = {}
+    for r in rows:
+        counts.setdefault(r["detector"], Counter())[r.get("device", "cpu")] += 1
+    return {d: ", ".join(f"{dev} ({n} fits)" for dev, n in c.most_common()) for d, c in counts.items()}
 
 
 def compute_seconds(runs: list[tuple[Path, str]], rows: list[dict]) -> dict[str, float]:
@@ -154,7 +168,7 @@ def write_results(rows: list[dict], runs: list[tuple[Path, str]], args: argparse
     (RESULTS / "fmnist_table_per_class.csv").write_text(to_csv(per_class, MAIN_COLUMNS))
     lines = [
         "# Fashion-MNIST one-class table (kka_ray)", "",
-        f"Classes {classes}, modes {modes}, {args.iterations} KKA iteration(s) per run, detector seeds "
+        f"Classes {classes}, modes {modes}, KKA iterations per mode {args.iterations}, detector seeds "
         f"{seeds_for}, run overrides {DEFAULT_OVERRIDES + args.overrides}, detector settings {args.detector_set}.",
         f"Machine: {machine()}.", "",
         f"Compute wall time {seconds['total']:.0f} s on it (KKA runs {seconds['kka_runs']:.0f} s; "
@@ -168,11 +182,12 @@ def write_results(rows: list[dict], runs: list[tuple[Path, str]], args: argparse
         "- SAD+KKA with generated anomalies only should beat 91.3; KKA should lift every detector above its "
         "own `none` row.", "",
         "## Seconds", "", "\n".join(f"- {k}: {v}" for k, v in seconds.items()), "",
+        "## Where the fits ran", "", "\n".join(f"- {d}: {where}" for d, where in fitted_on(rows).items()), "",
     ]
     (RESULTS / "fmnist_table.md").write_text("\n".join(lines))
     (RESULTS / "fmnist_table.json").write_text(json.dumps({
         "machine": machine(), "seconds": seconds, "classes": classes, "modes": modes, "iterations": args.iterations, "seeds": seeds_for,
-        "detector_set": args.detector_set, "summary": summary}, indent=1))
+        "detector_set": args.detector_set, "fitted_on": fitted_on(rows), "summary": summary}, indent=1))
     print(to_markdown(summary, ["detector", *MAIN_COLUMNS[2:], "n_splits"]), flush=True)
 
 

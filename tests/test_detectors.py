@@ -266,3 +266,36 @@ def test_cmda_fits_on_interpolated_text_features(ray_local, tmp_path):
     det.set_threshold(normal[:32])
     det.save(tmp_path / "cmda")
     assert np.array_equal(CMDA.load(tmp_path / "cmda").decision_function(anomalies[:4]), det.decision_function(anomalies[:4]))
+
+
+def test_settings_hash_names_settings_not_placement():
+    from kka_ray.config import DetectorSection
+    from kka_ray.evaluation.runner import settings_hash
+
+    base = DetectorSection()
+    for name in ("sad", "simplenet", "recontrast", "cmda"):
+        tag = settings_hash(base, name)
+        gpu = base.model_copy(deep=True)
+        own = gpu if name in ("sad", "cmda") else getattr(gpu, name)
+        own.use_gpu, own.resources_per_worker = True, {"CPU": 8, "GPU": 0.25}
+        assert settings_hash(gpu, name) == tag, name
+    longer = base.model_copy(update={"simplenet": base.simplenet.model_copy(update={"epochs": 3})})
+    assert settings_hash(longer, "simplenet") != settings_hash(base, "simplenet")
+    assert settings_hash(longer, "recontrast") == settings_hash(base, "recontrast")
+    wider = base.model_copy(update={"simplenet": base.simplenet.model_copy(update={"num_workers": 2})})
+    assert settings_hash(wider, "simplenet") != settings_hash(base, "simplenet")
+
+
+def test_evaluation_overrides_change_detectors_and_placement_only(tmp_path):
+    from kka_ray.config import ConfigError, KKAConfig
+    from kka_ray.evaluation.runner import device_overrides, run_config, settings_hash
+
+    (tmp_path / "config.yaml").write_text(KKAConfig().to_yaml())
+    cfg = run_config(tmp_path, [*device_overrides("cuda"), "ray.address=auto", "detector.epochs=3"])
+    assert cfg.run.device == "cuda" and cfg.ray.address == "auto" and cfg.detector.epochs == 3
+    assert cfg.detector.use_gpu and cfg.detector.simplenet.use_gpu and cfg.detector.recontrast.use_gpu
+    # the GPU does not change which cached results answer for these settings
+    cpu = run_config(tmp_path, ["detector.epochs=3"])
+    assert all(settings_hash(cfg.detector, d) == settings_hash(cpu.detector, d) for d in ("sad", "simplenet", "cmda"))
+    with pytest.raises(ConfigError, match=r"detector\.\*, run\.device or ray\.\*.*data\.normal_classes"):
+        run_config(tmp_path, ["data.normal_classes=[3]"])

@@ -31,9 +31,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="all: every completed iteration (the KKA(0..k) ablation); last: only the final one")
     p.add_argument("--output", "-o", help="where the tables go (default: <first RUN_DIR>/eval_tables)")
     p.add_argument("--no-fit", action="store_true", help="tabulate cached results only; fit nothing")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto instead of each run's run.device; cuda also "
+                                     "gives every detector's Ray Train workers a GPU (use_gpu)")
     p.add_argument("overrides", nargs="*", metavar="detector.KEY=VALUE",
                    help="detector settings instead of each run's own, e.g. detector.simplenet.epochs=4 "
-                        "(results are cached per settings)")
+                        "(results are cached per settings, not per device), or where evaluation runs: "
+                        "run.device=..., ray.address=auto, 'detector.simplenet.resources_per_worker={CPU: 4, GPU: 0.5}'")
     return p
 
 
@@ -67,16 +70,20 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
     items = [*args.runs, *args.overrides]  # argparse gives every positional to RUN_DIR
     overrides = [i for i in items if "=" in i]
+    if args.device:
+        from kka_ray.evaluation.runner import device_overrides
+
+        overrides = [*device_overrides(args.device), *overrides]
     runs = find_runs([i for i in items if "=" not in i])
     rows = []
     if args.no_fit:
         for run in runs:
             rows += cached_rows(run, detectors, overrides)
     else:
-        from kka_ray.config import load_config
+        from kka_ray.evaluation.runner import run_config
         from kka_ray.loop import init_ray
 
-        started = init_ray(load_config(runs[0] / "config.yaml"))
+        started = init_ray(run_config(runs[0], overrides))
         try:
             for run in runs:
                 rows += evaluate_run(run, detectors, seeds=args.seeds, iterations=args.iterations,

@@ -85,6 +85,10 @@ def fit_and_score(inputs: RunInputs, name: str, iteration: int, seed: int, save_
     }
 
 
+EVAL_OVERRIDABLE = ("detector.", "run.device=", "ray.")
+PLACEMENT_DEFAULTS = {"use_gpu": False, "resources_per_worker": {"CPU": 1.0}}
+
+
 def settings_hash(section, name: str) -> str:
     """A short hash of the settings detector ``name`` trains with, so cached results of other
     settings are never mistaken for these."""
@@ -96,6 +100,9 @@ def settings_hash(section, name: str) -> str:
     common = {k: dump[k] for k in ("validation_fraction", "threshold", "quantile")}
     sad = {k: dump[k] for k in DeepSADSection.model_fields}
     own = {"sad": sad, "cmda": {**sad, "cmda": dump["cmda"]}}.get(name, dump.get(name, {}))
+    # Where the fit runs is not a setting: a result computed on a GPU answers for the same
+    # settings on CPU. These fields are hashed as their defaults so both share one cache key.
+    own = {**own, **{k: v for k, v in PLACEMENT_DEFAULTS.items() if k in own}}
     return hashlib.sha1(json.dumps([common, own], sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -137,7 +144,7 @@ def evaluate_run(run_dir: str | Path, detectors: list[str], seeds: int = DEFAULT
                 row = {"run": str(inputs.dir), "split": split.name, "dataset": inputs.cfg.data.dataset,
                        "normal_classes": list(split.normal_class_names), "mode": inputs.cfg.run.mode,
                        "detector": name, "variant": variant_of(inputs, k), "iteration": k, "seed": seed,
-                       "settings": tag,
+                       "settings": tag, "device": device_label(inputs.cfg, name),
                        "n_generated": inputs.n_generated(k), **result}
                 write_json_atomic(row, path)
                 rows.append(row)
@@ -145,13 +152,38 @@ def evaluate_run(run_dir: str | Path, detectors: list[str], seeds: int = DEFAULT
 
 
 def run_config(run_dir: str | Path, overrides: list[str] | None = None):
-    """A run's own config with ``detector.*`` overrides (the only ones evaluation may change)."""
+    """A run's own config with evaluation overrides: ``detector.*`` (the detectors' settings),
+    ``run.device`` and ``ray.*`` (where evaluation runs); the rest of a run is fixed."""
     from kka_ray.config import load_config
 
-    bad = [o for o in overrides or [] if not o.startswith("detector.")]
+    bad = [o for o in overrides or [] if not o.startswith(EVAL_OVERRIDABLE)]
     if bad:
-        raise ConfigError(f"evaluation overrides may only change detector.* settings, got {bad}")
+        raise ConfigError(f"evaluation overrides may only change detector.*, run.device or ray.* "
+                          f"(the rest of a run is fixed), got {bad}")
     return load_config(Path(run_dir) / "config.yaml", overrides or [])
+
+
+def device_label(cfg, name: str) -> str:
+    """Where detector ``name``'s fit ran: ``cpu``, or the GPU's name for Ray Train workers with one."""
+    import torch
+
+    from kka_ray.devices import resolve_device
+
+    if name == "ssd":  # fitted by the driver itself
+        gpu = resolve_device(cfg.run.device).startswith("cuda")
+    else:
+        gpu = (cfg.detector if name in ("sad", "cmda") else getattr(cfg.detector, name)).use_gpu
+    if not gpu:
+        return "cpu"
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "gpu"
+
+
+def device_overrides(device: str) -> list[str]:
+    """``kka eval --device``: where the driver extracts and scores, and, for ``cuda``, a GPU for
+    every detector's Ray Train workers."""
+    gpu = "true" if device.startswith("cuda") else "false"
+    return [f"run.device={device}", *(f"detector.{s}use_gpu={gpu}" for s in ("", "simplenet.", "recontrast."))]
 
 
 def cached_rows(run_dir: str | Path, detectors: list[str], overrides: list[str] | None = None) -> list[dict[str, Any]]:

@@ -73,7 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         from kka_ray.submit import submit_main
 
         return submit_main(argv[1:])
-    args = _parser().parse_args(argv)
+    if argv[:1] == ["eval"]:  # parsed on its own: run directories, options and overrides may be intermixed
+        from kka_ray.evaluation.cli import eval_parser
+
+        args = eval_parser().parse_intermixed_args(argv[1:])
+        args.command = "eval"
+    else:
+        args = _parser().parse_args(argv)
     try:
         if args.command == "run":
             from kka_ray.storage import create_run, resume_run

@@ -96,7 +96,12 @@ def test_kka_eval_writes_the_tables_from_a_finished_run(finished_run, tmp_path, 
     # cached: a second call fits nothing and reads the same numbers
     cached = sorted((finished_run / "eval" / "results").glob("*.json"))
     assert len(cached) == 6 + 7
-    assert main(["eval", str(finished_run), "--detectors", "sad", "--no-fit", "--output", str(tmp_path / "again")]) == 0
+    assert all(r["device"] == "cpu" for r in rows)
+    # options, run directories and overrides intermixed; run.device names no setting, so the
+    # results cached on this CPU answer for it
+    assert main(["eval", "--detectors", "sad", str(finished_run), "--no-fit", "--output", str(tmp_path / "again"),
+                 "run.device=cpu"]) == 0
+    assert "sad,none" in (tmp_path / "again" / "table.csv").read_text()
     # the evaluation job's entry point (what `kka submit evaluate` runs on a cluster) reads the cache
     import subprocess
     import sys

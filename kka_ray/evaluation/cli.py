@@ -21,8 +21,17 @@ DEFAULT_DETECTORS = ["ssd", "sad", "simplenet", "recontrast", "cmda"]
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("eval", help="train and score detectors on finished runs; write the paper's tables",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return _arguments(sub.add_parser("eval", help="train and score detectors on finished runs; write the paper's tables",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    """``kka eval`` parsed on its own, so run directories, options and overrides may be intermixed."""
+    return _arguments(argparse.ArgumentParser(prog="kka eval", description=__doc__,
+                                              formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def _arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or directories of run directories")
     p.add_argument("--detectors", default=",".join(DEFAULT_DETECTORS),
                    help=f"comma-separated, from {sorted(INPUT_KINDS)} (default: all five)")

@@ -8,10 +8,7 @@ cost per anomaly and cost per hard anomaly.
 
 from __future__ import annotations
 
-import contextlib
-import time
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -35,30 +32,6 @@ def detection_metrics(targets: np.ndarray, scores: np.ndarray) -> dict[str, floa
         "aupr": float(average_precision_score(targets, scores)),
         "fpr95": fpr95,
     }
-
-
-@dataclass
-class StageClock:
-    """Wall seconds and resource-seconds per named stage."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-    cpu_seconds: dict[str, float] = field(default_factory=dict)
-    gpu_seconds: dict[str, float] = field(default_factory=dict)
-
-    @contextlib.contextmanager
-    def stage(self, name: str, num_cpus: float = 1.0, num_gpus: float = 0.0) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            wall = time.perf_counter() - start
-            self.seconds[name] = self.seconds.get(name, 0.0) + wall
-            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + wall * num_cpus
-            self.gpu_seconds[name] = self.gpu_seconds.get(name, 0.0) + wall * num_gpus
-
-    def as_dict(self) -> dict[str, dict[str, float]]:
-        r = lambda d: {k: round(v, 3) for k, v in d.items()}  # noqa: E731
-        return {"seconds": r(self.seconds), "cpu_seconds": r(self.cpu_seconds), "gpu_seconds": r(self.gpu_seconds)}
 
 
 def stage_resources(cfg: Any, stage: str) -> tuple[float, float]:

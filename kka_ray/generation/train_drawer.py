@@ -336,7 +336,7 @@ def train_pixel_drawer(
         "format": "kka-pixel-drawer-assets/1",
         "dataset": "fashion-mnist train split",
         "class_names": list(data.class_names),
-        "num_captions": len(flat),
+        "num_captions": len(flat), "max_text_length": DEFAULT_MAX_TEXT_LENGTH,
         "unet_params": n_params,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()},
         "device": str(dev),

@@ -210,7 +210,7 @@ class RunLocation:
         return self.remote
 
 
-def _run_name(cfg: KKAConfig, output: str | None) -> str:
+def _run_name(cfg: KKAConfig, output: str | None, submission_id: str | None = None) -> str:
     name = output or cfg.run.output_dir
     if name is not None:
         p = PurePosixPath(str(name))
@@ -220,22 +220,34 @@ def _run_name(cfg: KKAConfig, output: str | None) -> str:
                 f"(the run directory is <run.storage_path>/<name>): give a name, or unset run.storage_path"
             )
         return str(name)
-    return ray_job_submission_id() or datetime.now().strftime("%Y%m%d-%H%M%S")
+    return submission_id or ray_job_submission_id() or datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def run_target(cfg: KKAConfig, output: str | None = None, submission_id: str | None = None) -> str | None:
+    """Where a new run of a Ray job goes: ``<storage>/<name>`` (a path or a URI), or None for a
+    plain directory (no storage path, outside a job or with an absolute name). Pure: the job
+    driver and ``kka submit`` (which names the job ``submission_id`` before it exists) share it,
+    so a name the driver would refuse is refused at submission."""
+    storage = cfg.run.storage_path
+    in_job = submission_id is not None or ray_job_submission_id() is not None
+    if storage is None:
+        explicit = output or cfg.run.output_dir
+        if not in_job or (explicit and Path(explicit).expanduser().is_absolute()):
+            return None
+        storage = DEFAULT_JOB_STORAGE
+    return join(storage, _run_name(cfg, output, submission_id))
 
 
 def new_run_location(cfg: KKAConfig, output: str | None = None) -> RunLocation:
     """Where a new run goes (see the module docstring); nothing is created yet."""
     from kka_ray.loop import new_run_dir
 
-    storage = cfg.run.storage_path
-    if storage is None:
-        explicit = output or cfg.run.output_dir
-        if ray_job_submission_id() is None or (explicit and Path(explicit).expanduser().is_absolute()):
-            return RunLocation(new_run_dir(cfg, output))
-        storage = DEFAULT_JOB_STORAGE
+    target = run_target(cfg, output)
+    if target is None:
+        return RunLocation(new_run_dir(cfg, output))
+    if cfg.run.storage_path is None:
         logger.warning("run.storage_path is not set: this Ray job writes its run directory under %s on the node "
-                       "running the job driver", storage)
-    target = join(storage, _run_name(cfg, output))
+                       "running the job driver", DEFAULT_JOB_STORAGE)
     if is_uri(target):
         filesystem(target)  # a bad URI fails now, not after the first stage
         return RunLocation(staging_dir(target), remote=target)

@@ -211,7 +211,7 @@ def new_submission_id(kind: str) -> str:
 
 def results_location(cfg: KKAConfig, kind: str, submission_id: str, args: list[str]) -> str:
     """Where the job's run directory will be, for the user (see kka_ray/storage.py)."""
-    from kka_ray.storage import DEFAULT_JOB_STORAGE, join
+    from kka_ray.storage import run_target
 
     def flag(name: str) -> str | None:
         return args[args.index(name) + 1] if name in args else None
@@ -222,12 +222,11 @@ def results_location(cfg: KKAConfig, kind: str, submission_id: str, args: list[s
         return flag("--output") or "eval_tables/ beside the first run directory"
     if flag("--resume"):
         return str(flag("--resume"))
-    name = flag("--output") or cfg.run.output_dir
-    if cfg.run.storage_path:
-        return join(cfg.run.storage_path, name or submission_id)
-    if name and Path(name).expanduser().is_absolute():
-        return name
-    return join(DEFAULT_JOB_STORAGE, name or submission_id) + " on the node running the job driver"
+    output = flag("--output")
+    target = run_target(cfg, output, submission_id)
+    if target is None:  # an absolute directory name
+        return str(output or cfg.run.output_dir)
+    return target if cfg.run.storage_path else target + " on the node running the job driver"
 
 
 # ---------------------------------------------------------------------------------------
@@ -319,6 +318,7 @@ def submit(
     runtime_env = build_runtime_env(cfg, root, Path(config).read_text() if sends_config else None, runtime_env_file)
     entrypoint = build_entrypoint(cfg, kind, args)
     submission_id = submission_id or new_submission_id(kind)
+    results = results_location(cfg, kind, submission_id, args)  # a name the driver would refuse fails here
     resolved = resolve_address(address, cfg)
     client = job_client(resolved)
     job = cfg.job
@@ -327,14 +327,14 @@ def submit(
         entrypoint=entrypoint,
         submission_id=submission_id,
         runtime_env=runtime_env,
-        metadata={"kka_kind": kind, "kka_results": results_location(cfg, kind, submission_id, args)},
+        metadata={"kka_kind": kind, "kka_results": results},
         entrypoint_num_cpus=job.entrypoint_num_cpus or None,
         entrypoint_num_gpus=job.entrypoint_num_gpus or None,
         entrypoint_memory=job.entrypoint_memory or None,
         entrypoint_resources=job.entrypoint_resources or None,
     )
     return {"submission_id": sid, "address": resolved, "entrypoint": entrypoint,
-            "results": results_location(cfg, kind, sid, args)}
+            "results": results}
 
 
 def follow(client: Any, submission_id: str, out: TextIO = sys.stdout, poll_s: float = 1.0) -> str:

@@ -138,12 +138,19 @@ def test_submit_validates_the_config_before_contacting_anyone(capsys):
     assert "--iteration" in capsys.readouterr().err
 
 
-def test_results_location_tells_where_the_run_lands():
+def test_results_location_tells_where_the_run_lands(capsys):
     cfg = load_config(None, ["run.storage_path=s3://bucket/kka"])
     assert results_location(cfg, "run", "kka-run-1", []) == "s3://bucket/kka/kka-run-1"
     assert results_location(cfg, "generate", "id", ["--output", "exp"]) == "s3://bucket/kka/exp"
     assert results_location(cfg, "preference", "id", ["--run-dir", "s3://b/r", "--iteration", "1"]) == "s3://b/r"
     assert results_location(load_config(), "run", "id", []).startswith(str(Path("~/kka_runs/id").expanduser()))
+    assert results_location(load_config(), "run", "id", ["--output", "/data/exp"]) == "/data/exp"
+    # the driver would refuse an absolute name under a storage path: so does submission, before any job exists
+    with pytest.raises(ConfigError, match="must be a relative name when run.storage_path is set"):
+        results_location(cfg, "run", "id", ["--output", "/data/exp"])
+    assert main(["submit", "run", "--address", "http://127.0.0.1:1", "--output", "/data/exp",
+                 "run.storage_path=s3://bucket/kka"]) == 2
+    assert "must be a relative name" in capsys.readouterr().err  # not "unreachable job server"
 
 
 # ------------------------------------------------------------------ storage

@@ -36,7 +36,8 @@ from kka_ray.detectors.deep_sad.loss import center_from_sums, deep_sad_loss
 from kka_ray.detectors.deep_sad.torch_model import build_autoencoder, build_network
 from kka_ray.training.checkpoint import read_checkpoint, write_checkpoint
 from kka_ray.training.ray_fit import (
-    EpochSelector, ReportThrottle, global_sum, read_val, report_final, unwrap, validation_auroc,
+    EpochSelector, ReportThrottle, global_sum, read_val, report_final, shuffled_batches, unwrap, validation_auroc,
+    worker_setup,
 )
 
 logger = logging.getLogger(__name__)
@@ -46,9 +47,6 @@ LAST_MODEL_FILE = "model_last.safetensors"  # the last epoch's phi, when validat
 CENTER_FILE = "center.safetensors"
 CHECKPOINT_DIR_NAME = "deep_sad_final"
 FORMAT_VERSION = 1
-# Local shuffle buffer, in batches: enough to mix rows of neighbouring blocks (the trainer
-# already permutes array input once) without holding the whole shard in memory.
-SHUFFLE_BUFFER_BATCHES = 8
 LR_GAMMA = 0.1  # released code: MultiStepLR(gamma=0.1) at the milestones
 
 
@@ -67,25 +65,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     t_start = time.perf_counter()
     cfg = DeepSADSection.model_validate(config["deep_sad"])
     in_shape = tuple(int(s) for s in config["in_shape"])
-    seed = int(config.get("seed", 0))
-    if config.get("torch_threads"):
-        torch.set_num_threads(int(config["torch_threads"]))
-    torch.manual_seed(seed)  # same init on every worker (DDP also broadcasts rank 0's weights)
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    shard = ray.train.get_dataset_shard("train")
+    w = worker_setup(config)
+    rank, world, device, seed = w.rank, w.world, w.device, w.seed
     dtypes = {"x": torch.float32, "label": torch.float32}
 
     def batches(epoch: int | None):
-        shuffle = epoch is not None
-        return shard.iter_torch_batches(
-            batch_size=cfg.batch_size,
-            dtypes=dtypes,
-            local_shuffle_buffer_size=cfg.batch_size * SHUFFLE_BUFFER_BATCHES if shuffle else None,
-            local_shuffle_seed=(seed * 100_003 + epoch * 1_009 + rank) if shuffle else None,
-        )
+        return shuffled_batches(w, cfg.batch_size, dtypes, epoch)
 
     history: list[dict[str, Any]] = []
     net = build_network(cfg, in_shape)

@@ -11,7 +11,9 @@ workers, how often to report, and how the final checkpoint is written:
 - :class:`ReportThrottle`: every worker reports the same number of times (Train v2 needs it),
   at most every ``MIN_REPORT_INTERVAL_S`` (the controller polls every 2 s);
 - :func:`report_final`: rank 0 writes its files into a temporary directory, every worker
-  reports once more, and that report carries the checkpoint.
+  reports once more, and that report carries the checkpoint;
+- :func:`worker_setup` (threads, seed, rank, device, the ``"train"`` shard) and
+  :func:`shuffled_batches` (one seeded local shuffle per pass over the shard).
 
 Arrays become Ray Datasets with :func:`arrays_to_dataset` (Arrow tensor blocks, seeded order).
 """
@@ -23,6 +25,7 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -42,6 +45,9 @@ LOCAL_RAY_CPUS = 2
 # Train v2's controller takes one result per worker per poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
 # 2 s) through a queue of size 1: reporting more often only blocks the workers.
 MIN_REPORT_INTERVAL_S = 2.0
+# Local shuffle buffer, in batches: enough to mix rows of neighbouring blocks (arrays_to_dataset
+# already permutes the rows once) without holding the whole shard in memory.
+SHUFFLE_BUFFER_BATCHES = 8
 
 
 def ensure_ray() -> None:
@@ -54,6 +60,44 @@ def ensure_ray() -> None:
             "call ray.init(...) first to use an existing cluster", LOCAL_RAY_CPUS,
         )
         ray.init(address="local", num_cpus=LOCAL_RAY_CPUS, include_dashboard=False)
+
+
+@dataclass
+class Worker:
+    """What a Ray Train worker loop starts from (:func:`worker_setup`)."""
+
+    rank: int
+    world: int
+    device: "torch.device"
+    shard: Any  # ray.train.get_dataset_shard("train")
+    seed: int
+
+
+def worker_setup(config: dict[str, Any]) -> Worker:
+    """Apply ``config["torch_threads"]``, seed torch with ``config["seed"]`` (the same initial
+    weights on every worker; DDP also broadcasts rank 0's), and read rank, device and shard."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    seed = int(config.get("seed", 0))
+    if config.get("torch_threads"):
+        torch.set_num_threads(int(config["torch_threads"]))
+    torch.manual_seed(seed)
+    ctx = ray.train.get_context()
+    return Worker(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
+                  ray.train.get_dataset_shard("train"), seed)
+
+
+def shuffled_batches(w: Worker, batch_size: int, dtypes: dict, pass_index: int | None):
+    """Torch batches of the worker's shard, locally shuffled with a seed of (seed, pass, rank);
+    ``pass_index=None``: in order (a pass for statistics, not for training)."""
+    shuffle = pass_index is not None
+    return w.shard.iter_torch_batches(
+        batch_size=batch_size, dtypes=dtypes,
+        local_shuffle_buffer_size=batch_size * SHUFFLE_BUFFER_BATCHES if shuffle else None,
+        local_shuffle_seed=(w.seed * 100_003 + pass_index * 1_009 + w.rank) if shuffle else None,
+    )
 
 
 def arrays_to_dataset(columns: dict[str, np.ndarray], num_workers: int = 1, seed: int | None = 0) -> "ray.data.Dataset":

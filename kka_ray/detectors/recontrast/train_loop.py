@@ -40,7 +40,10 @@ from kka_ray.detectors.recontrast.torch_model import (
     ReContrastNet, build_recontrast_net, image_scores, smoothing_sigma,
 )
 from kka_ray.training.checkpoint import read_checkpoint, write_checkpoint
-from kka_ray.training.ray_fit import EpochSelector, ReportThrottle, global_sum, read_val, report_final, unwrap, validation_auroc
+from kka_ray.training.ray_fit import (
+    EpochSelector, ReportThrottle, global_sum, read_val, report_final, shuffled_batches, unwrap, validation_auroc,
+    worker_setup,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +52,6 @@ LAST_MODEL_FILE = "model_last.safetensors"
 CHECKPOINT_DIR_NAME = "recontrast_final"
 FORMAT_VERSION = 1
 BETAS = (0.9, 0.999)  # released AdamW betas for both optimisers
-# Local shuffle buffer in batches (the driver already permuted the rows once).
-SHUFFLE_BUFFER_BATCHES = 8
 # Rows per forward when scoring validation images (eval mode, no gradients).
 SCORE_BATCH = 64
 # BatchNorm cannot train on one row: smaller batches are skipped (equally on every worker).
@@ -91,15 +92,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
 
     t_start = time.perf_counter()
     cfg = ReContrastSection.model_validate(config["recontrast"])
-    image_size, seed = int(config["image_size"]), int(config.get("seed", 0))
-    if config.get("torch_threads"):
-        torch.set_num_threads(int(config["torch_threads"]))
-    torch.manual_seed(seed)  # same new layers on every worker (DDP also broadcasts rank 0's)
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    shard = ray.train.get_dataset_shard("train")
+    image_size = int(config["image_size"])
+    w = worker_setup(config)  # the same new layers on every worker
+    rank, world, device = w.rank, w.world, w.device
     dtypes = {"x": torch.float32, "label": torch.float32}
     steps, total_iters, epochs = iteration_plan(int(config["n_train"]), world, cfg.batch_size, cfg.epochs, cfg.total_iters)
 
@@ -123,11 +118,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         net.train()
         sums = np.zeros(6)  # loss*rows, normal loss*normal rows, normal rows, term*anom rows, d_anom sum, anom rows
         alpha = hook_alpha(it, total_iters, cfg.alpha_start, cfg.alpha_end, cfg.ramp_fraction)
-        for batch in shard.iter_torch_batches(
-            batch_size=cfg.batch_size, dtypes=dtypes,
-            local_shuffle_buffer_size=cfg.batch_size * SHUFFLE_BUFFER_BATCHES,
-            local_shuffle_seed=seed * 100_003 + epoch * 1_009 + rank,
-        ):
+        for batch in shuffled_batches(w, cfg.batch_size, dtypes, epoch):
             if it >= total_iters:
                 break
             x, label = batch["x"], batch["label"]
@@ -178,7 +169,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         meta = {
             "format_version": FORMAT_VERSION, "config": cfg.model_dump(mode="json"), "image_size": image_size,
-            "seed": seed, "world_size": world, "history": history, "epochs": epochs, "steps_per_epoch": steps,
+            "seed": w.seed, "world_size": world, "history": history, "epochs": epochs, "steps_per_epoch": steps,
             "total_iters": total_iters, "iterations": it, "n_train": int(config["n_train"]),
             "n_anomalies": int(config.get("n_anomalies", 0)), "frozen_fingerprint": fingerprint,
             **chosen.meta(epoch + 1, metrics.get("val_auroc")), "loop_seconds": time.perf_counter() - t_start,

@@ -32,7 +32,10 @@ from kka_ray.config import SimpleNetSection
 from kka_ray.detectors.simplenet.loss import truncated_l1_loss
 from kka_ray.detectors.simplenet.torch_model import SimpleNetHead, build_head
 from kka_ray.training.checkpoint import read_checkpoint, write_checkpoint
-from kka_ray.training.ray_fit import EpochSelector, ReportThrottle, global_sum, read_val, report_final, unwrap, validation_auroc
+from kka_ray.training.ray_fit import (
+    EpochSelector, ReportThrottle, global_sum, read_val, report_final, shuffled_batches, unwrap, validation_auroc,
+    worker_setup,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +44,6 @@ LAST_HEAD_FILE = "head_last.safetensors"
 CHECKPOINT_DIR_NAME = "simplenet_final"
 FORMAT_VERSION = 1
 DSC_WEIGHT_DECAY = 1e-5  # released code: Adam(discriminator, dsc_lr, weight_decay=1e-5)
-SHUFFLE_BUFFER_BATCHES = 8
 VAL_BATCH_IMAGES = 256
 
 
@@ -74,15 +76,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     t_start = time.perf_counter()
     cfg = SimpleNetSection.model_validate(config["simplenet"])
     layer_channels = [int(c) for c in config["layer_channels"]]
-    seed = int(config.get("seed", 0))
-    if config.get("torch_threads"):
-        torch.set_num_threads(int(config["torch_threads"]))
-    torch.manual_seed(seed)  # the same initial weights on every worker
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    shard = ray.train.get_dataset_shard("train")
+    w = worker_setup(config)  # the same initial weights on every worker
+    rank, world, device, seed = w.rank, w.world, w.device, w.seed
     dtypes = {"x": torch.float32, "label": torch.int64}
     # only rank 0 chooses the epoch and writes the checkpoint
     val = read_val("val", {"x": torch.float32, "label": torch.float32}) if rank == 0 else None
@@ -107,11 +102,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         sums = [0.0] * 7
         for _ in range(cfg.gan_epochs):
             n_img = {"normal": 0, "anomaly": 0}
-            for batch in shard.iter_torch_batches(
-                batch_size=cfg.batch_size, dtypes=dtypes,
-                local_shuffle_buffer_size=cfg.batch_size * SHUFFLE_BUFFER_BATCHES,
-                local_shuffle_seed=seed * 100_003 + passes * 1_009 + rank,
-            ):
+            for batch in shuffled_batches(w, cfg.batch_size, dtypes, passes):
                 x, label = batch["x"], batch["label"]
                 is_anom = label == 1
                 normal, anomalies = x[~is_anom].flatten(0, 1), x[is_anom].flatten(0, 1)

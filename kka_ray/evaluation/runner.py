@@ -86,7 +86,7 @@ def fit_and_score(inputs: RunInputs, name: str, iteration: int, seed: int, save_
 
 
 EVAL_OVERRIDABLE = ("detector.", "run.device=", "ray.")
-PLACEMENT_DEFAULTS = {"use_gpu": False, "resources_per_worker": {"CPU": 1.0}}
+PLACEMENT_FIELDS = ("use_gpu", "resources_per_worker")
 
 
 def settings_hash(section, name: str) -> str:
@@ -102,7 +102,8 @@ def settings_hash(section, name: str) -> str:
     own = {"sad": sad, "cmda": {**sad, "cmda": dump["cmda"]}}.get(name, dump.get(name, {}))
     # Where the fit runs is not a setting: a result computed on a GPU answers for the same
     # settings on CPU. These fields are hashed as their defaults so both share one cache key.
-    own = {**own, **{k: v for k, v in PLACEMENT_DEFAULTS.items() if k in own}}
+    defaults = DeepSADSection().model_dump(mode="json")  # every trained section has the same defaults
+    own = {**own, **{k: defaults[k] for k in PLACEMENT_FIELDS if k in own}}
     return hashlib.sha1(json.dumps([common, own], sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -165,8 +166,6 @@ def run_config(run_dir: str | Path, overrides: list[str] | None = None):
 
 def device_label(cfg, name: str) -> str:
     """Where detector ``name``'s fit ran: ``cpu``, or the GPU's name for Ray Train workers with one."""
-    import torch
-
     from kka_ray.devices import resolve_device
 
     if name == "ssd":  # fitted by the driver itself
@@ -175,6 +174,7 @@ def device_label(cfg, name: str) -> str:
         gpu = (cfg.detector if name in ("sad", "cmda") else getattr(cfg.detector, name)).use_gpu
     if not gpu:
         return "cpu"
+    import torch
 
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "gpu"
 

@@ -28,7 +28,7 @@ def test_ssd_is_mahalanobis_to_the_normals():
     det = SSD(SSDSection(n_clusters=1, covariance="pinv", few_shot=True)).fit(_square())
     s = det.decision_function(np.array([[0, 0], [2, 0], [1, 2]], np.float32))
     assert s == pytest.approx([0.0, 4.0, 5.0])
-    assert det.fit_info_["few_shot"] is False
+    assert det.fit_info_["few_shot"] is False and not det.has_distinct_last  # no epochs: one model
     # max rule on validation normals, then predict
     assert det.set_threshold(_square()) == pytest.approx(2.0)
     assert det.predict(np.array([[0, 0], [3, 0]], np.float32)).tolist() == [0, 1]
@@ -57,13 +57,27 @@ def test_few_shot_ssd_subtracts_the_anomaly_distance():
 def test_ssd_save_load_and_errors(tmp_path):
     from kka_ray.detectors.ssd import SSD
 
-    det = SSD().fit(_square(), np.array([[3, 3], [3.5, 3], [3, 3.2]], np.float32))
+    from kka_ray.detectors.base import DETECTOR_META, DetectorContext
+
+    ctx = DetectorContext(storage_path=str(tmp_path / "rt"), cache_dir=str(tmp_path), image_size=48, seed=3)
+    det = SSD(context=ctx).fit(_square(), np.array([[3, 3], [3.5, 3], [3, 3.2]], np.float32))
     det.set_threshold(_square(), rule="quantile", q=0.5)
     det.save(tmp_path / "ssd")
     loaded = SSD.load(tmp_path / "ssd")
     x = np.array([[0.5, 0.1], [3, 3]], np.float32)
     assert np.array_equal(loaded.decision_function(x), det.decision_function(x))
     assert loaded.threshold_ == det.threshold_
+    # the context travels, except where Ray Train wrote; a model cache that is gone is dropped
+    assert (loaded.context.seed, loaded.context.image_size, loaded.context.cache_dir) == (3, 48, str(tmp_path))
+    assert loaded.context.storage_path is None
+    meta_path = tmp_path / "ssd" / DETECTOR_META
+    meta = json.loads(meta_path.read_text())
+    # the layout before the context had its own entry: seed (and size, cache) at the top
+    meta.pop("context")
+    meta_path.write_text(json.dumps({**meta, "seed": 5, "cache_dir": str(tmp_path / "gone")}))
+    old = SSD.load(tmp_path / "ssd")
+    assert old.context.seed == 5 and old.context.cache_dir is None
+    assert np.array_equal(old.decision_function(x), det.decision_function(x))
     with pytest.raises(RuntimeError, match="not fitted"):
         SSD().decision_function(x)
     with pytest.raises(ValueError, match="shaped"):
@@ -193,6 +207,7 @@ def test_sad_picks_its_checkpoint_on_validation_and_keeps_the_last(ray_local, tm
     assert info["last_val_auroc"] == pytest.approx(val_aurocs[-1])
     x = np.r_[normal[:32], anomalies[:32]]
     sel, last = det.decision_function(x), det.decision_function(x, which="last")
+    assert det.has_distinct_last == (best != 6)
     if best != 6:
         assert not np.allclose(sel, last)  # two different phis were kept
     det.set_threshold(normal[:64])
@@ -200,7 +215,7 @@ def test_sad_picks_its_checkpoint_on_validation_and_keeps_the_last(ray_local, tm
     loaded = DeepSAD.load(tmp_path / "det")
     assert np.array_equal(loaded.decision_function(x), sel)
     assert np.array_equal(loaded.decision_function(x, which="last"), last)
-    assert loaded.fit_info_["selected_epoch"] == best
+    assert loaded.fit_info_["selected_epoch"] == best and loaded.has_distinct_last == det.has_distinct_last
 
 
 # ------------------------------------------------------------------ tables
@@ -261,6 +276,7 @@ def test_cmda_fits_on_interpolated_text_features(ray_local, tmp_path):
     assert pseudo.shape == (64, 8) and np.isfinite(pseudo).all()
     det.fit(normal, validation=Validation(normal[:32]), name="cmda")
     assert det.fit_info_["n_pseudo_anomalies"] == 64 and det.sad_.n_anomalies_ == 64
+    assert not det.has_distinct_last  # validation without anomalies chooses nothing: the last epoch is kept
     scores = det.decision_function(np.r_[normal[:16], anomalies[:16]])
     assert scores.shape == (32,) and scores.dtype == np.float64 and np.isfinite(scores).all()
     det.set_threshold(normal[:32])
@@ -294,6 +310,11 @@ def test_evaluation_overrides_change_detectors_and_placement_only(tmp_path):
     cfg = run_config(tmp_path, [*device_overrides("cuda"), "ray.address=auto", "detector.epochs=3"])
     assert cfg.run.device == "cuda" and cfg.ray.address == "auto" and cfg.detector.epochs == 3
     assert cfg.detector.use_gpu and cfg.detector.simplenet.use_gpu and cfg.detector.recontrast.use_gpu
+
+    def gpu_flags(d: dict) -> list[bool]:  # every use_gpu in the section, however deep
+        return [v for k, v in d.items() if k == "use_gpu"] + [f for v in d.values() if isinstance(v, dict) for f in gpu_flags(v)]
+
+    assert all(gpu_flags(cfg.detector.model_dump())) and len(gpu_flags(cfg.detector.model_dump())) >= 3
     # the GPU does not change which cached results answer for these settings
     cpu = run_config(tmp_path, ["detector.epochs=3"])
     assert all(settings_hash(cfg.detector, d) == settings_hash(cpu.detector, d) for d in ("sad", "simplenet", "cmda"))

@@ -190,6 +190,7 @@ def test_fit_and_score_real_images(fitted, fmnist):
     info = fitted.fit_info_
     assert info["iterations"] == 8 and info["epochs"] == 2 and info["n_anomalies"] == 16
     assert info["selected_epoch"] in (1, 2) and info["last_val_auroc"] is not None
+    assert fitted.has_distinct_last == (info["selected_epoch"] != 2)
     # the RGB path: the same image as (H, W) grey and (H, W, 3) scores the same
     rgb = np.repeat(x[:4, :, :, None], 3, axis=-1)
     np.testing.assert_allclose(fitted.decision_function(rgb), scores[:4], rtol=1e-6)

@@ -194,6 +194,7 @@ def test_generated_anomalies_join_the_negatives(fitted, fmnist):
     assert info["selected_val_auroc"] == max(h["val_auroc"] for h in info["history"])
     assert info["history"][info["selected_epoch"] - 1]["val_auroc"] == info["selected_val_auroc"]
     assert info["last_val_auroc"] == info["history"][-1]["val_auroc"]
+    assert fitted.has_distinct_last == (info["selected_epoch"] != 3)
 
 
 @pytest.mark.slow

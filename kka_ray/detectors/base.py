@@ -77,6 +77,20 @@ class DetectorContext:
     def run_name(prefix: str) -> str:
         return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
+    def to_meta(self) -> dict[str, Any]:
+        """What a saved detector keeps: backbone, input size, model cache and seed (not where
+        Ray Train wrote, nor the device: a loaded detector runs where it is loaded)."""
+        return {"backbone": self.backbone, "image_size": self.image_size, "cache_dir": self.cache_dir, "seed": self.seed}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> "DetectorContext":
+        """The context :meth:`to_meta` saved; a model cache that is not here any more is dropped
+        (the default cache is used)."""
+        cache = meta.get("cache_dir")
+        return cls(backbone=meta.get("backbone", "efficientnet_lite0"), image_size=int(meta.get("image_size", 64)),
+                   cache_dir=cache if cache and Path(cache).expanduser().is_dir() else None,
+                   seed=int(meta.get("seed", 0)))
+
 
 class Detector(ABC):
     """Base class: ``fit`` / ``decision_function`` / ``set_threshold`` / ``predict`` / ``save`` / ``load``."""
@@ -103,10 +117,18 @@ class Detector(ABC):
 
     @classmethod
     @abstractmethod
-    def _load_state(cls, directory: Path, meta: dict[str, Any]) -> "Detector":
-        """Rebuild a fitted detector from ``directory`` and the metadata ``_save_state`` returned."""
+    def _load_state(cls, directory: Path, meta: dict[str, Any], context: DetectorContext) -> "Detector":
+        """Rebuild a fitted detector from ``directory``, the metadata ``_save_state`` returned and
+        the saved context."""
 
     # -- shared -----------------------------------------------------------------------------
+    @property
+    def has_distinct_last(self) -> bool:
+        """True when ``which="last"`` scores with another model than ``"selected"`` (validation
+        chose an earlier epoch); False for detectors without epochs. Callers that report both
+        score once when this is False."""
+        return False
+
     def _check_fitted(self) -> None:
         if not getattr(self, "fitted_", False):
             raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(normal, anomalies) first")
@@ -128,7 +150,7 @@ class Detector(ABC):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         meta = {"detector": self.name, "threshold": self.threshold_, "fit_info": self.fit_info_,
-                **self._save_state(d)}
+                "context": self.context.to_meta(), **self._save_state(d)}
         (d / DETECTOR_META).write_text(json.dumps(meta, indent=1))
         return str(d)
 
@@ -141,7 +163,9 @@ class Detector(ABC):
         meta = json.loads(path.read_text())
         if cls.name and meta.get("detector") != cls.name:
             raise ValueError(f"{str(d)!r} holds a {meta.get('detector')!r} detector, not {cls.name!r}")
-        det = cls._load_state(d, meta)
+        # detectors saved before the context had its own entry kept some of its fields at the top
+        saved = meta.get("context") or {k: meta[k] for k in ("image_size", "cache_dir", "seed") if k in meta}
+        det = cls._load_state(d, meta, DetectorContext.from_meta(saved))
         det.threshold_ = meta.get("threshold")
         det.fit_info_ = meta.get("fit_info", {})
         det.fitted_ = True

@@ -104,15 +104,19 @@ class CMDA(Detector):
         self._check_fitted()
         return self.sad_.decision_function(x, which=which)
 
+    @property
+    def has_distinct_last(self) -> bool:
+        return self.sad_.has_distinct_last
+
     def _save_state(self, directory: Path) -> dict[str, Any]:
         self.sad_.save(directory / "sad")
         return {"config": self.cfg.model_dump(mode="json")}
 
     @classmethod
-    def _load_state(cls, directory: Path, meta: dict[str, Any]) -> "CMDA":
+    def _load_state(cls, directory: Path, meta: dict[str, Any], context: DetectorContext) -> "CMDA":
         from kka_ray.detectors.deep_sad.model import DeepSAD
 
-        det = cls(CMDASection.model_validate(meta["config"]))
+        det = cls(CMDASection.model_validate(meta["config"]), context=context)
         det.sad_ = DeepSAD.load(directory / "sad")
         det.sad_cfg = det.sad_.cfg
         return det

@@ -86,13 +86,13 @@ class SSD(Detector):
         save_file(self.normal_.state_dict(), str(directory / "normal.safetensors"))
         if self.anomaly_ is not None:
             save_file(self.anomaly_.state_dict(), str(directory / "anomaly.safetensors"))
-        return {"config": self.cfg.model_dump(mode="json"), "seed": self.context.seed}
+        return {"config": self.cfg.model_dump(mode="json")}
 
     @classmethod
-    def _load_state(cls, directory: Path, meta: dict[str, Any]) -> "SSD":
+    def _load_state(cls, directory: Path, meta: dict[str, Any], context: DetectorContext) -> "SSD":
         from safetensors.numpy import load_file
 
-        det = cls(SSDSection.model_validate(meta["config"]), DetectorContext(seed=int(meta.get("seed", 0))))
+        det = cls(SSDSection.model_validate(meta["config"]), context)
         det.normal_ = MahalanobisScorer.from_state_dict(load_file(str(directory / "normal.safetensors")))
         if (directory / "anomaly.safetensors").is_file():
             det.anomaly_ = MahalanobisScorer.from_state_dict(load_file(str(directory / "anomaly.safetensors")))

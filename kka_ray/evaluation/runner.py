@@ -69,7 +69,7 @@ def fit_and_score(inputs: RunInputs, name: str, iteration: int, seed: int, save_
     targets = inputs.test_targets
     scores = det.decision_function(test)
     metrics = detection_metrics(targets, scores)
-    last = detection_metrics(targets, det.decision_function(test, which="last"))
+    last = detection_metrics(targets, det.decision_function(test, which="last") if det.has_distinct_last else scores)
     pred = scores > threshold
     if save_dir is not None:
         det.save(save_dir)
@@ -179,11 +179,24 @@ def device_label(cfg, name: str) -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "gpu"
 
 
+def trained_sections() -> list[str]:
+    """Override prefixes (under ``detector.``) of the sections that train on Ray Train, i.e. have
+    ``use_gpu``: the detector section itself (Deep SAD, CMDA) and its sub-sections."""
+    from pydantic import BaseModel
+
+    from kka_ray.config import DetectorSection
+
+    fields = DetectorSection.model_fields
+    subs = [name for name, f in fields.items()
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel) and "use_gpu" in f.annotation.model_fields]
+    return ([""] if "use_gpu" in fields else []) + [f"{name}." for name in subs]
+
+
 def device_overrides(device: str) -> list[str]:
     """``kka eval --device``: where the driver extracts and scores, and, for ``cuda``, a GPU for
     every detector's Ray Train workers."""
     gpu = "true" if device.startswith("cuda") else "false"
-    return [f"run.device={device}", *(f"detector.{s}use_gpu={gpu}" for s in ("", "simplenet.", "recontrast."))]
+    return [f"run.device={device}", *(f"detector.{s}use_gpu={gpu}" for s in trained_sections())]
 
 
 def cached_rows(run_dir: str | Path, detectors: list[str], overrides: list[str] | None = None) -> list[dict[str, Any]]:

@@ -15,7 +15,10 @@ workers, how often to report, and how the final checkpoint is written:
 - :func:`worker_setup` (threads, seed, rank, device, the ``"train"`` shard) and
   :func:`shuffled_batches` (one seeded local shuffle per pass over the shard).
 
-Arrays become Ray Datasets with :func:`arrays_to_dataset` (Arrow tensor blocks, seeded order).
+Arrays become Ray Datasets with :func:`arrays_to_dataset` (Arrow tensor blocks, seeded order);
+:func:`labelled_datasets` builds a detector's ``"train"`` (normals 0, anomalies 1) and
+``"val"`` datasets, and :func:`fit_section` runs :func:`fit_torch` with a config section's
+placement (``num_workers``, ``use_gpu``, ``resources_per_worker``; torch threads = its CPUs).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
@@ -125,6 +128,61 @@ def arrays_to_dataset(columns: dict[str, np.ndarray], num_workers: int = 1, seed
 
     tables = [pa.table({k: column(a[i : i + rows]) for k, a in cols.items()}) for i in range(0, n, rows)]
     return ray.data.from_arrow(tables)
+
+
+def validation_dataset(x: np.ndarray, is_anomaly: np.ndarray) -> "ray.data.Dataset":
+    """The ``"val"`` dataset: rows ``x`` in the given order, ``label`` float32 (1 = anomaly)."""
+    return arrays_to_dataset({"x": x, "label": np.asarray(is_anomaly).astype(np.float32)}, 1, seed=None)
+
+
+@dataclass
+class LabelledRows:
+    """A detector's training data as Ray Datasets (:func:`labelled_datasets`)."""
+
+    datasets: dict[str, Any]  # "train" and, when validation has anomalies, "val"
+    normal: np.ndarray  # the prepared normal rows
+    n_rows: int
+    n_anomalies: int
+
+
+def labelled_datasets(prepare: Callable[[np.ndarray, str], np.ndarray], normal: np.ndarray,
+                      anomalies: np.ndarray | None, validation: Any, num_workers: int, seed: int,
+                      label_dtype: Any = np.int64) -> LabelledRows:
+    """``"train"``: ``prepare(normal)`` labelled 0 and ``prepare(anomalies)`` labelled 1, in a
+    seeded order over ``num_workers``; ``"val"``: held-out normals (0) and anomalies (1) when
+    ``validation`` (a :class:`kka_ray.detectors.base.Validation`) has anomalies.
+    ``prepare(rows, what)`` turns raw rows into the model's input (``what`` names them in errors)."""
+    norm = prepare(normal, "normal")
+    parts, labels = [norm], [np.zeros(len(norm), label_dtype)]
+    if anomalies is not None and len(anomalies):
+        parts.append(prepare(anomalies, "anomalies"))
+        labels.append(np.ones(len(parts[-1]), label_dtype))
+    x, y = np.concatenate(parts), np.concatenate(labels)
+    datasets = {"train": arrays_to_dataset({"x": x, "label": y}, num_workers, seed)}
+    if validation is not None and validation.has_anomalies:
+        vn = prepare(validation.normal, "validation.normal")
+        va = prepare(validation.anomalies, "validation.anomalies")
+        datasets["val"] = validation_dataset(np.concatenate([vn, va]), np.r_[np.zeros(len(vn)), np.ones(len(va))])
+    return LabelledRows(datasets, norm, len(x), len(x) - len(norm))
+
+
+class Placement(Protocol):
+    """The placement fields every trained section has (DeepSAD, SimpleNet, ReContrast)."""
+
+    num_workers: int
+    use_gpu: bool
+    resources_per_worker: dict[str, float]
+
+
+def fit_section(train_loop: Callable[[dict[str, Any]], Any], loop_config: dict[str, Any],
+                datasets: dict[str, "ray.data.Dataset"], section: Placement, storage_path: str,
+                name: str) -> "ray.train.Result":
+    """:func:`fit_torch` placed as ``section`` says; each worker uses as many torch threads as
+    it holds CPUs (``loop_config["torch_threads"]``)."""
+    threads = max(1, int(section.resources_per_worker.get("CPU", 1)))
+    return fit_torch(train_loop, {**loop_config, "torch_threads": threads}, datasets,
+                     num_workers=section.num_workers, use_gpu=section.use_gpu,
+                     resources_per_worker=section.resources_per_worker, storage_path=storage_path, name=name)
 
 
 def fit_torch(

@@ -179,13 +179,10 @@ def train_deep_sad(
         if vx.shape[1:] != tuple(shape) or vy.shape != (len(vx),):
             raise ValueError(f"val must be (x shaped (n, {', '.join(map(str, shape))}), labels shaped (n,)); "
                              f"got {vx.shape} and {vy.shape}")
-        datasets["val"] = ray_fit.arrays_to_dataset({"x": vx, "label": vy}, 1, seed=None)
-    torch_threads = max(1, int(cfg.resources_per_worker.get("CPU", 1)))
-    result = ray_fit.fit_torch(
-        train_loop_per_worker,
-        {"deep_sad": deep_sad_fields(cfg), "in_shape": list(shape), "seed": int(seed), "torch_threads": torch_threads},
-        datasets, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-        resources_per_worker=cfg.resources_per_worker, storage_path=storage_path, name=name,
+        datasets["val"] = ray_fit.validation_dataset(vx, vy)
+    result = ray_fit.fit_section(
+        train_loop_per_worker, {"deep_sad": deep_sad_fields(cfg), "in_shape": list(shape), "seed": int(seed)},
+        datasets, cfg, storage_path, name,
     )
     with result.checkpoint.as_directory() as directory:
         state = DeepSADState.load(directory)

@@ -78,6 +78,10 @@ class DeepSAD(Detector):
                           "last_val_auroc": meta.get("last_val_auroc")}
         self.fitted_ = True
 
+    @property
+    def has_distinct_last(self) -> bool:
+        return self.state_.last_network is not None
+
     def _check_fitted(self) -> None:
         if not self.fitted_:
             raise RuntimeError("this DeepSAD is not fitted yet: call fit(normal, anomalies) or DeepSAD.load(dir) first")
@@ -96,14 +100,14 @@ class DeepSAD(Detector):
 
     def _save_state(self, directory: Path) -> dict[str, Any]:
         self.state_.save(directory)
-        return {"seed": self.seed}
+        return {}
 
     @classmethod
-    def _load_state(cls, directory: Path, meta: dict[str, Any]) -> "DeepSAD":
+    def _load_state(cls, directory: Path, meta: dict[str, Any], context: DetectorContext | None = None) -> "DeepSAD":
         from kka_ray.training.trainer import DeepSADState
 
         state = DeepSADState.load(directory)
-        det = cls(state.config, seed=int(meta.get("seed", 0)))
+        det = cls(state.config, context=context)
         det._set_state(state)
         return det
 

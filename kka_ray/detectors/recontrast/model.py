@@ -79,33 +79,20 @@ class ReContrast(Detector):
         from kka_ray.training import ray_fit
 
         size, cfg = self.context.image_size, self.cfg
-        normal = preprocess_images(check_rows(normal_images, "normal_images", "images"), size)
-        parts, labels = [normal], [np.zeros(len(normal), np.float32)]
-        if anomalies is not None and len(anomalies):
-            parts.append(preprocess_images(check_rows(anomalies, "anomalies", "images"), size))
-            labels.append(np.ones(len(parts[-1]), np.float32))
-        x, y = np.concatenate(parts), np.concatenate(labels)
-        if len(x) // cfg.num_workers < 2:
-            raise ValueError(f"ReContrast needs at least 2 training images per worker (BatchNorm); got {len(x)} "
-                             f"for {cfg.num_workers} worker(s)")
-        datasets = {"train": ray_fit.arrays_to_dataset({"x": x, "label": y}, cfg.num_workers, self.context.seed)}
-        if validation is not None and validation.has_anomalies:
-            vn = preprocess_images(check_rows(validation.normal, "validation.normal", "images"), size)
-            va = preprocess_images(check_rows(validation.anomalies, "validation.anomalies", "images"), size)
-            vy = np.concatenate([np.zeros(len(vn), np.float32), np.ones(len(va), np.float32)])
-            datasets["val"] = ray_fit.arrays_to_dataset({"x": np.concatenate([vn, va]), "label": vy}, 1, seed=None)
-        elif validation is not None:
+        if validation is not None and not validation.has_anomalies:
             logger.info("ReContrast: validation has no anomalies, so no epoch can be chosen on it; the last is used")
+        rows = ray_fit.labelled_datasets(lambda x, what: preprocess_images(check_rows(x, what, "images"), size),
+                                         normal_images, anomalies, validation, cfg.num_workers, self.context.seed,
+                                         label_dtype=np.float32)
+        if rows.n_rows // cfg.num_workers < 2:
+            raise ValueError(f"ReContrast needs at least 2 training images per worker (BatchNorm); got {rows.n_rows} "
+                             f"for {cfg.num_workers} worker(s)")
         loop_config = {
             "recontrast": cfg.model_dump(mode="json"), "cache_dir": str(self._cache_dir()), "image_size": size,
-            "n_train": int(len(x)), "n_anomalies": int(y.sum()), "seed": int(self.context.seed),
-            "torch_threads": max(1, int(cfg.resources_per_worker.get("CPU", 1))),
+            "n_train": rows.n_rows, "n_anomalies": rows.n_anomalies, "seed": int(self.context.seed),
         }
-        result = ray_fit.fit_torch(
-            train_loop_per_worker, loop_config, datasets, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-            resources_per_worker=cfg.resources_per_worker, storage_path=self.context.storage("recontrast"),
-            name=name or self.context.run_name("recontrast"),
-        )
+        result = ray_fit.fit_section(train_loop_per_worker, loop_config, rows.datasets, cfg,
+                                     self.context.storage("recontrast"), name or self.context.run_name("recontrast"))
         with result.checkpoint.as_directory() as directory:
             self._load_checkpoint(Path(directory))
         self.fit_info_["checkpoint_path"] = result.checkpoint.path
@@ -155,6 +142,10 @@ class ReContrast(Detector):
         self.fitted_ = True
 
     # -- scoring ------------------------------------------------------------------------------
+    @property
+    def has_distinct_last(self) -> bool:
+        return self.last_net_ is not None
+
     def _net(self, which: str) -> "ReContrastNet":
         self._check_fitted()
         check_which(which)
@@ -200,15 +191,10 @@ class ReContrast(Detector):
         assert self.net_ is not None
         last = self.last_net_.trainable_state_dict() if self.last_net_ is not None else None
         write_checkpoint_files(directory, self.net_.trainable_state_dict(), last, self.meta_)
-        return {"config": self.cfg.model_dump(mode="json"), "image_size": self.context.image_size,
-                "seed": self.context.seed, "cache_dir": str(self._cache_dir())}
+        return {"config": self.cfg.model_dump(mode="json")}
 
     @classmethod
-    def _load_state(cls, directory: Path, meta: dict[str, Any]) -> "ReContrast":
-        cfg = ReContrastSection.model_validate(meta["config"])
-        cache = meta.get("cache_dir")
-        context = DetectorContext(cache_dir=cache if cache and Path(cache).is_dir() else None,
-                                  image_size=int(meta["image_size"]), seed=int(meta.get("seed", 0)))
-        det = cls(cfg, context)
+    def _load_state(cls, directory: Path, meta: dict[str, Any], context: DetectorContext) -> "ReContrast":
+        det = cls(ReContrastSection.model_validate(meta["config"]), context)
         det._load_checkpoint(directory)
         return det

@@ -101,38 +101,20 @@ class SimpleNet(Detector):
         from kka_ray.training import ray_fit
 
         t0 = time.perf_counter()
-        feats = self.patch_features(normal, "normal")
-        parts, labels = [feats], [np.zeros(len(feats), np.int64)]
-        n_anom = 0
-        if anomalies is not None and len(anomalies):
-            a = self.patch_features(anomalies, "anomalies")
-            parts.append(a)
-            labels.append(np.ones(len(a), np.int64))
-            n_anom = len(a)
-        datasets = {"train": ray_fit.arrays_to_dataset({"x": np.concatenate(parts), "label": np.concatenate(labels)},
-                                                       self.cfg.num_workers, self.context.seed)}
-        if validation is not None:
-            if validation.has_anomalies:
-                vn = self.patch_features(validation.normal, "validation.normal")
-                va = self.patch_features(validation.anomalies, "validation.anomalies")
-                datasets["val"] = ray_fit.arrays_to_dataset(
-                    {"x": np.concatenate([vn, va]),
-                     "label": np.r_[np.zeros(len(vn), np.float32), np.ones(len(va), np.float32)]}, 1, seed=None)
-            else:
-                logger.warning("SimpleNet: validation has no anomalies, so no AUROC can pick an epoch; keeping the last")
+        if validation is not None and not validation.has_anomalies:
+            logger.warning("SimpleNet: validation has no anomalies, so no AUROC can pick an epoch; keeping the last")
+        rows = ray_fit.labelled_datasets(self.patch_features, normal, anomalies, validation,
+                                         self.cfg.num_workers, self.context.seed)
+        feats, n_anom = rows.normal, rows.n_anomalies
         feature_seconds = time.perf_counter() - t0
         _, patches = self._feature_modules()
         mean, std = channel_stats(feats)
         loop_config = {"simplenet": self.cfg.model_dump(mode="json"), "layer_channels": patches.layer_channels,
                        "feature_mean": mean.tolist(), "feature_std": std.tolist(),
-                       "n_patches": int(feats.shape[1]), "seed": int(self.context.seed),
-                       "torch_threads": max(1, int(self.cfg.resources_per_worker.get("CPU", 1)))}
+                       "n_patches": int(feats.shape[1]), "seed": int(self.context.seed)}
         run_name = name or self.context.run_name("simplenet")
-        result = ray_fit.fit_torch(
-            train_loop_per_worker, loop_config, datasets, num_workers=self.cfg.num_workers, use_gpu=self.cfg.use_gpu,
-            resources_per_worker=self.cfg.resources_per_worker, storage_path=self.context.storage("simplenet"),
-            name=run_name,
-        )
+        result = ray_fit.fit_section(train_loop_per_worker, loop_config, rows.datasets, self.cfg,
+                                     self.context.storage("simplenet"), run_name)
         with result.checkpoint.as_directory() as directory:
             self._load_checkpoint(Path(directory))
         self.checkpoint_path_ = str(Path(result.checkpoint.path))
@@ -174,6 +156,10 @@ class SimpleNet(Detector):
 
     # -- scoring ----------------------------------------------------------------------------
 
+    @property
+    def has_distinct_last(self) -> bool:
+        return self.meta_["selected_epoch"] != self.meta_["history"][-1]["epoch"]
+
     def patch_scores(self, images: np.ndarray, which: Literal["selected", "last"] = "selected") -> np.ndarray:
         """Per-patch anomaly scores ``-D`` (float64 ``(n, h, w)``, the finest used stage's grid)."""
         import torch
@@ -207,20 +193,13 @@ class SimpleNet(Detector):
         from kka_ray.detectors.simplenet.train_loop import write_checkpoint_files
 
         write_checkpoint_files(directory, self._heads["selected"].state_dict(), self._heads["last"].state_dict(), self.meta_)
-        ctx = self.context
-        return {"config": self.cfg.model_dump(mode="json"),
-                "context": {"backbone": ctx.backbone, "image_size": ctx.image_size, "cache_dir": ctx.cache_dir,
-                            "seed": ctx.seed}}
+        return {"config": self.cfg.model_dump(mode="json")}
 
     @classmethod
-    def _load_state(cls, directory: Path, meta: dict[str, Any]) -> "SimpleNet":
+    def _load_state(cls, directory: Path, meta: dict[str, Any], context: DetectorContext) -> "SimpleNet":
         from kka_ray.detectors.simplenet.train_loop import read_checkpoint_files
 
         selected, last, ckpt_meta = read_checkpoint_files(directory)
-        saved = meta.get("context", {})
-        context = DetectorContext(backbone=saved.get("backbone", "efficientnet_lite0"),
-                                  image_size=int(saved.get("image_size", 64)), cache_dir=saved.get("cache_dir"),
-                                  seed=int(saved.get("seed", 0)))
         det = cls(SimpleNetSection.model_validate(meta["config"]), context)
         det._set_heads(selected, last, ckpt_meta)
         return det

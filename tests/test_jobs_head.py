@@ -3,7 +3,8 @@
 Starts `ray start --head --block` (its own --temp-dir, free ports, dashboard on 127.0.0.1, token
 authentication with a token file of its own), then:
   (c) `ray job submit -- python jobs/generate.py <broken override>`: the job ends FAILED and its
-      logs name the field (`kka status` / `kka logs` read it back);
+      logs name the field (`kka status`, `kka logs` and `kka logs --follow` read it back);
+      a sleeping job submitted the same way is stopped with `kka stop`;
   (a) `kka submit generate --config FILE --follow` into a file:// storage URI: prep + generation of
       iteration 1, uploaded from the staging copy; the generated Parquet reads back; the job server
       holds none of the submitter's secrets; `kka submit preference` on it fails (not evaluated);
@@ -202,6 +203,27 @@ def test_kka_jobs_on_a_real_head(head, tiny_cache, tmp_path):
     assert "kka-test-broken: FAILED" in st.stdout, st.stdout + st.stderr
     logs = head.kka("logs", "--address", head.address, "kka-test-broken")
     assert "kka: error: config field 'describer.temprature': unknown field" in logs.stdout, logs.stdout[-3000:]
+    # `kka logs --follow` on an ended job: its logs, then its status, and exit 1 as it did not succeed
+    followed = head.kka("logs", "--follow", "--address", head.address, "kka-test-broken")
+    assert followed.returncode == 1 and "kka: job kka-test-broken FAILED" in followed.stderr, followed.stderr[-2000:]
+    assert "describer.temprature" in followed.stdout
+
+    # `kka stop` on a running job: stop requested, the job ends STOPPED, a second stop finds it ended
+    sleeper = subprocess.run(
+        [str(VENV_BIN / "ray"), "job", "submit", "--address", head.address, "--no-wait",
+         "--submission-id", "kka-test-sleeper", "--", "python", "-c", "import time; print('sleeping', flush=True); time.sleep(600)"],
+        env=head.env, cwd=head.temp, capture_output=True, text=True, timeout=300)
+    assert sleeper.returncode == 0, sleeper.stdout + sleeper.stderr
+    stop = head.kka("stop", "--address", head.address, "kka-test-sleeper")
+    assert stop.returncode == 0 and "kka-test-sleeper: stop requested" in stop.stdout, stop.stdout + stop.stderr
+    deadline = time.time() + 120
+    while "STOPPED" not in (st := head.kka("status", "--address", head.address, "kka-test-sleeper")).stdout:
+        assert time.time() < deadline, st.stdout + st.stderr
+        time.sleep(2)
+    again = head.kka("stop", "--address", head.address, "kka-test-sleeper")
+    assert again.returncode == 0 and "kka-test-sleeper: was not running" in again.stdout, again.stdout + again.stderr
+    stopped = head.kka("logs", "--follow", "--address", head.address, "kka-test-sleeper")
+    assert stopped.returncode == 1 and "kka: job kka-test-sleeper STOPPED" in stopped.stderr, stopped.stderr[-2000:]
 
     # the DPO job on that run: iteration 1 is not evaluated yet, so it fails saying so
     pref = head.kka("submit", "preference", "--address", head.address, "--follow", "--run-dir", f"{uri}/gen",

@@ -188,6 +188,52 @@ def test_storage_uri_round_trip_with_pyarrow(tmp_path):
     assert (remote_dir / "config.yaml").is_file()
 
 
+class _FailingRun:
+    """Stands in for a KKARun whose second stage raises: what RunLocation.execute does around a
+    run (upload after each stage, and after a failure) does not depend on what the stages are."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.on_stage_done = None
+
+    def execute(self) -> None:
+        (self.dir / "config.yaml").write_text("run: {}\n")
+        (self.dir / "state.json").write_text('{"completed": ["prep"]}')
+        self.on_stage_done("prep")
+        (self.dir / "stages").mkdir()
+        (self.dir / "stages" / "baselines.partial.json").write_text("{}")  # written before the failure
+        raise RuntimeError("stage baselines failed")
+
+
+def test_a_failed_run_is_uploaded_and_a_failed_upload_keeps_the_staging_copy(tmp_path, caplog):
+    remote = tmp_path / "remote" / "run1"
+    where = RunLocation(tmp_path / "stage" / "run1", remote=f"file://{remote}")
+    where.local.mkdir(parents=True)
+    with pytest.raises(RuntimeError, match="stage baselines failed"):
+        where.execute(_FailingRun(where.local))
+    # everything up to the failure is kept remotely, and the staging copy is gone
+    assert json.loads((remote / "state.json").read_text())["completed"] == ["prep"]
+    assert (remote / "stages" / "baselines.partial.json").is_file()
+    assert not where.local.exists()
+
+    # the remote cannot take the upload after the failure: the run's own error is raised, the
+    # upload error is logged, and the staging copy (the only copy) stays
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the run directory should go")
+    where = RunLocation(tmp_path / "stage2" / "run2", remote=f"file://{blocked}/run2")
+    where.local.mkdir(parents=True)
+    run = _FailingRun(where.local)
+
+    def fail_first() -> None:
+        (where.local / "config.yaml").write_text("run: {}\n")
+        raise RuntimeError("first stage failed")
+
+    run.execute = fail_first
+    with pytest.raises(RuntimeError, match="first stage failed"):
+        where.execute(run)
+    assert "could not upload" in caplog.text and (where.local / "config.yaml").is_file()
+
+
 def test_new_run_location_names_and_errors(tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     cfg = load_config(None, [f"run.storage_path={tmp_path}/store"])

@@ -189,20 +189,22 @@ def test_storage_uri_round_trip_with_pyarrow(tmp_path):
 
 
 class _FailingRun:
-    """Stands in for a KKARun whose second stage raises: what RunLocation.execute does around a
-    run (upload after each stage, and after a failure) does not depend on what the stages are."""
+    """Stands in for a KKARun that completes the stages ``done`` and then raises ``error``: what
+    RunLocation.execute does around a run (upload after each stage, and after a failure) does
+    not depend on what the stages are."""
 
-    def __init__(self, directory: Path):
-        self.dir = directory
+    def __init__(self, directory: Path, done: tuple[str, ...], error: str):
+        self.dir, self.done, self.error = directory, done, error
         self.on_stage_done = None
 
     def execute(self) -> None:
         (self.dir / "config.yaml").write_text("run: {}\n")
-        (self.dir / "state.json").write_text('{"completed": ["prep"]}')
-        self.on_stage_done("prep")
+        for i, stage in enumerate(self.done):
+            (self.dir / "state.json").write_text(json.dumps({"completed": list(self.done[: i + 1])}))
+            self.on_stage_done(stage)
         (self.dir / "stages").mkdir()
         (self.dir / "stages" / "baselines.partial.json").write_text("{}")  # written before the failure
-        raise RuntimeError("stage baselines failed")
+        raise RuntimeError(self.error)
 
 
 def test_a_failed_run_is_uploaded_and_a_failed_upload_keeps_the_staging_copy(tmp_path, caplog):
@@ -210,7 +212,7 @@ def test_a_failed_run_is_uploaded_and_a_failed_upload_keeps_the_staging_copy(tmp
     where = RunLocation(tmp_path / "stage" / "run1", remote=f"file://{remote}")
     where.local.mkdir(parents=True)
     with pytest.raises(RuntimeError, match="stage baselines failed"):
-        where.execute(_FailingRun(where.local))
+        where.execute(_FailingRun(where.local, ("prep",), "stage baselines failed"))
     # everything up to the failure is kept remotely, and the staging copy is gone
     assert json.loads((remote / "state.json").read_text())["completed"] == ["prep"]
     assert (remote / "stages" / "baselines.partial.json").is_file()
@@ -222,13 +224,7 @@ def test_a_failed_run_is_uploaded_and_a_failed_upload_keeps_the_staging_copy(tmp
     blocked.write_text("a file where the run directory should go")
     where = RunLocation(tmp_path / "stage2" / "run2", remote=f"file://{blocked}/run2")
     where.local.mkdir(parents=True)
-    run = _FailingRun(where.local)
-
-    def fail_first() -> None:
-        (where.local / "config.yaml").write_text("run: {}\n")
-        raise RuntimeError("first stage failed")
-
-    run.execute = fail_first
+    run = _FailingRun(where.local, (), "first stage failed")
     with pytest.raises(RuntimeError, match="first stage failed"):
         where.execute(run)
     assert "could not upload" in caplog.text and (where.local / "config.yaml").is_file()

@@ -77,6 +77,14 @@ class DetectorContext:
     def run_name(prefix: str) -> str:
         return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
+    def model_cache(self) -> Path:
+        """``cache_dir``, or the default model cache (``paths.model_cache``) when it is unset."""
+        if self.cache_dir is not None:
+            return Path(self.cache_dir).expanduser()
+        from kka_ray.config import PathsSection
+
+        return PathsSection().cache_dir()
+
     def to_meta(self) -> dict[str, Any]:
         """What a saved detector keeps: backbone, input size, model cache and seed (not where
         Ray Train wrote, nor the device: a loaded detector runs where it is loaded)."""

@@ -74,9 +74,7 @@ class CMDA(Detector):
         if len(self.normal_texts) != len(normal):
             raise ValueError(f"CMDA needs one caption per normal row: {len(self.normal_texts)} captions for "
                              f"{len(normal)} rows (pass normal_texts=split.train.captions)")
-        from kka_ray.config import PathsSection
-
-        cache = self.context.cache_dir or str(PathsSection().cache_dir())
+        cache = str(self.context.model_cache())
         # captions repeat (templates x class names): encode each distinct one once
         # (one encoder load for both kinds of text)
         unique, index = np.unique(np.asarray(self.normal_texts, dtype=object).astype(str), return_inverse=True)

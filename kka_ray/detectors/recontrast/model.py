@@ -88,7 +88,7 @@ class ReContrast(Detector):
             raise ValueError(f"ReContrast needs at least 2 training images per worker (BatchNorm); got {rows.n_rows} "
                              f"for {cfg.num_workers} worker(s)")
         loop_config = {
-            "recontrast": cfg.model_dump(mode="json"), "cache_dir": str(self._cache_dir()), "image_size": size,
+            "recontrast": cfg.model_dump(mode="json"), "cache_dir": str(self.context.model_cache()), "image_size": size,
             "n_train": rows.n_rows, "n_anomalies": rows.n_anomalies, "seed": int(self.context.seed),
         }
         result = ray_fit.fit_section(train_loop_per_worker, loop_config, rows.datasets, cfg,
@@ -101,13 +101,6 @@ class ReContrast(Detector):
                     self.fit_info_["selected_val_auroc"], self.fit_info_["last_val_auroc"])
         return self
 
-    def _cache_dir(self) -> Path:
-        if self.context.cache_dir is not None:
-            return Path(self.context.cache_dir).expanduser()
-        from kka_ray.config import PathsSection
-
-        return PathsSection().cache_dir()
-
     def _load_checkpoint(self, directory: Path) -> None:
         """Rebuild the nets (E_f from the model cache) and load the saved trainable parts."""
         import torch
@@ -117,10 +110,10 @@ class ReContrast(Detector):
 
         state, last_state, meta = read_checkpoint_files(directory)
         cfg = self.cfg
-        net = build_recontrast_net(self._cache_dir(), cfg.encoder_bn_train, cfg.encoder_bn_momentum)
+        net = build_recontrast_net(self.context.model_cache(), cfg.encoder_bn_train, cfg.encoder_bn_momentum)
         expected = meta.get("frozen_fingerprint")
         if expected is not None and not math.isclose(net.frozen_fingerprint(), expected, rel_tol=FINGERPRINT_RTOL):
-            raise ValueError(f"the EfficientNet-Lite0 weights in {self._cache_dir()} differ from those this ReContrast "
+            raise ValueError(f"the EfficientNet-Lite0 weights in {self.context.model_cache()} differ from those this ReContrast "
                              "was trained with (fingerprint mismatch); point context.cache_dir at the original model cache")
         net.load_trainable_state(state)
         last = None

@@ -127,6 +127,21 @@ def test_assembled_tiny_drawer_loads_and_draws_deterministically(tiny_encoder, t
     assert arr.dtype == np.float32 and arr.shape == (1, 16, 16, 1)
 
 
+def test_training_encodes_captions_as_the_pipeline_conditions_on_them(tiny_encoder, tmp_path):
+    """The drawer learns on the token states the pipeline later draws from: same padding, same mask."""
+    _, _, te_dir = tiny_encoder
+    unet = _tiny_unet(seed=1)
+    assets = save_drawer_assets(tmp_path / "assets", unet, unet.state_dict(), {"format": "test"})
+    gen = DiffusersImageGenerator(str(assemble_pixel_drawer(assets, te_dir, tmp_path / "drawer")), tmp_path)
+    pipe = gen.pipeline
+    states, masks = encode_captions(pipe.text_encoder, pipe.tokenizer, TEXTS, pipe.config.max_text_length, batch_size=2)
+    with torch.no_grad():
+        ref_states, ref_masks = pipe.encode_prompt(TEXTS, torch.device("cpu"))
+    assert states.shape == ref_states.shape and torch.equal(masks, ref_masks)
+    torch.testing.assert_close(states, ref_states.float(), rtol=1e-5, atol=1e-6)
+    assert masks[0].sum() < masks[1].sum()  # a short caption is padded, not truncated to the longest
+
+
 def test_missing_or_wrong_weights_give_clear_errors(tiny_encoder, tmp_path):
     _, _, te_dir = tiny_encoder
     with pytest.raises(FileNotFoundError, match="not a trained-drawer assets directory"):

@@ -43,6 +43,17 @@ def _to_pil(images) -> list:
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
 
 
+def encode_text(text_encoder, tokenizer, prompts: list[str], max_length: int,
+                device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token states ``(B, max_length, hidden)`` and attention mask ``(B, max_length)``: the prompts
+    padded to ``max_length`` (truncated beyond), as the pipeline conditions its UNet; the drawer's
+    training encodes its captions with this same function."""
+    tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    input_ids = tokens["input_ids"].to(device)
+    mask = tokens["attention_mask"].to(device)
+    return text_encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state, mask
+
+
 class KKAPixelDiffusionPipeline(DiffusionPipeline):
     """Text-conditioned pixel-space diffusion: MiniLM token states -> UNet cross-attention -> image."""
 
@@ -77,16 +88,7 @@ class KKAPixelDiffusionPipeline(DiffusionPipeline):
 
     def encode_prompt(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Token states ``(B, L, hidden)`` of the text encoder and the attention mask ``(B, L)``."""
-        tokens = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.config.max_text_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        input_ids = tokens["input_ids"].to(device)
-        mask = tokens["attention_mask"].to(device)
-        states = self.text_encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        states, mask = encode_text(self.text_encoder, self.tokenizer, prompts, self.config.max_text_length, device)
         return states.to(self.unet.dtype), mask
 
     def _check_inputs(self, prompts, num_inference_steps, generator, height, width, output_type) -> None:

@@ -145,15 +145,18 @@ class DrawerTrainingConfig:
 
 
 def encode_captions(text_encoder, tokenizer, captions: Sequence[str], max_length: int, batch_size: int = 64):
-    """MiniLM token states ``(N, max_length, hidden)`` and masks ``(N, max_length)``, tokenized as the pipeline does."""
+    """MiniLM token states ``(N, max_length, hidden)`` and masks ``(N, max_length)``, encoded by the
+    pipeline's own :func:`~kka_ray.generation.pixel_pipeline.encode_text`, ``batch_size`` at a time."""
     import torch
+
+    from kka_ray.generation.pixel_pipeline import encode_text
 
     states, masks = [], []
     with torch.no_grad():
         for i in range(0, len(captions), batch_size):
-            tok = tokenizer(list(captions[i : i + batch_size]), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-            states.append(text_encoder(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state)
-            masks.append(tok["attention_mask"])
+            s, m = encode_text(text_encoder, tokenizer, list(captions[i : i + batch_size]), max_length)
+            states.append(s)
+            masks.append(m)
     return torch.cat(states), torch.cat(masks)
 
 

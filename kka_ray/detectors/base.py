@@ -18,6 +18,7 @@ validation AUROC of the selected and the last epoch.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -30,6 +31,8 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from kka_ray.confusion import DEFAULT_QUANTILE, distance_threshold
+
+logger = logging.getLogger(__name__)
 
 DETECTOR_META = "detector.json"
 InputKind = Literal["features", "images"]
@@ -136,6 +139,25 @@ class Detector(ABC):
         chose an earlier epoch); False for detectors without epochs. Callers that report both
         score once when this is False."""
         return False
+
+    def _load_checkpoint(self, directory: Path) -> None:
+        """Load the weights a Ray Train fit left in ``directory`` (detectors that train on Ray)."""
+        raise NotImplementedError(f"{type(self).__name__} does not train on Ray Train")
+
+    def _fit_on_ray(self, train_loop: Any, loop_config: dict[str, Any], datasets: dict[str, Any],
+                    section: Any, validation: "Validation | None", name: str | None) -> str:
+        """The Ray Train fit every trained detector shares: say when ``validation`` cannot choose
+        an epoch, run ``train_loop`` placed as ``section`` says (:func:`kka_ray.training.ray_fit.fit_section`),
+        load the reported checkpoint with :meth:`_load_checkpoint` and return its path."""
+        from kka_ray.training import ray_fit
+
+        if validation is not None and not validation.has_anomalies:
+            logger.warning("%s: validation has no anomalies, so no AUROC can choose an epoch; the last is kept", self.name)
+        result = ray_fit.fit_section(train_loop, loop_config, datasets, section, self.context.storage(self.name),
+                                     name or self.context.run_name(self.name))
+        with result.checkpoint.as_directory() as directory:
+            self._load_checkpoint(Path(directory))
+        return str(result.checkpoint.path)
 
     def _check_fitted(self) -> None:
         if not getattr(self, "fitted_", False):

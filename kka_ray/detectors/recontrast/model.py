@@ -79,8 +79,6 @@ class ReContrast(Detector):
         from kka_ray.training import ray_fit
 
         size, cfg = self.context.image_size, self.cfg
-        if validation is not None and not validation.has_anomalies:
-            logger.info("ReContrast: validation has no anomalies, so no epoch can be chosen on it; the last is used")
         rows = ray_fit.labelled_datasets(lambda x, what: preprocess_images(check_rows(x, what, "images"), size),
                                          normal_images, anomalies, validation, cfg.num_workers, self.context.seed,
                                          label_dtype=np.float32)
@@ -91,11 +89,8 @@ class ReContrast(Detector):
             "recontrast": cfg.model_dump(mode="json"), "cache_dir": str(self.context.model_cache()), "image_size": size,
             "n_train": rows.n_rows, "n_anomalies": rows.n_anomalies, "seed": int(self.context.seed),
         }
-        result = ray_fit.fit_section(train_loop_per_worker, loop_config, rows.datasets, cfg,
-                                     self.context.storage("recontrast"), name or self.context.run_name("recontrast"))
-        with result.checkpoint.as_directory() as directory:
-            self._load_checkpoint(Path(directory))
-        self.fit_info_["checkpoint_path"] = result.checkpoint.path
+        self.checkpoint_path_ = self._fit_on_ray(train_loop_per_worker, loop_config, rows.datasets, cfg, validation, name)
+        self.fit_info_["checkpoint_path"] = self.checkpoint_path_
         logger.info("ReContrast fitted: %d iterations, selected epoch %s (val AUROC %s), last val AUROC %s",
                     self.fit_info_["iterations"], self.fit_info_["selected_epoch"],
                     self.fit_info_["selected_val_auroc"], self.fit_info_["last_val_auroc"])

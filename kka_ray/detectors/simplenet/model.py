@@ -101,8 +101,6 @@ class SimpleNet(Detector):
         from kka_ray.training import ray_fit
 
         t0 = time.perf_counter()
-        if validation is not None and not validation.has_anomalies:
-            logger.warning("SimpleNet: validation has no anomalies, so no AUROC can pick an epoch; keeping the last")
         rows = ray_fit.labelled_datasets(self.patch_features, normal, anomalies, validation,
                                          self.cfg.num_workers, self.context.seed)
         feats, n_anom = rows.normal, rows.n_anomalies
@@ -112,12 +110,8 @@ class SimpleNet(Detector):
         loop_config = {"simplenet": self.cfg.model_dump(mode="json"), "layer_channels": patches.layer_channels,
                        "feature_mean": mean.tolist(), "feature_std": std.tolist(),
                        "n_patches": int(feats.shape[1]), "seed": int(self.context.seed)}
-        run_name = name or self.context.run_name("simplenet")
-        result = ray_fit.fit_section(train_loop_per_worker, loop_config, rows.datasets, self.cfg,
-                                     self.context.storage("simplenet"), run_name)
-        with result.checkpoint.as_directory() as directory:
-            self._load_checkpoint(Path(directory))
-        self.checkpoint_path_ = str(Path(result.checkpoint.path))
+        self.checkpoint_path_ = self._fit_on_ray(train_loop_per_worker, loop_config, rows.datasets, self.cfg,
+                                                 validation, name)
         meta = self.meta_
         self.fit_info_ = {
             "selected_epoch": meta["selected_epoch"],
@@ -132,8 +126,8 @@ class SimpleNet(Detector):
             "history": meta["history"],
         }
         self.fitted_ = True
-        logger.info("SimpleNet run %s: %d normals, %d anomalies, %d patches/image, selected epoch %s (val AUROC %s), %.1f s",
-                    run_name, len(feats), n_anom, feats.shape[1], meta["selected_epoch"], meta["selected_val_auroc"],
+        logger.info("SimpleNet fitted: %d normals, %d anomalies, %d patches/image, selected epoch %s (val AUROC %s), %.1f s",
+                    len(feats), n_anom, feats.shape[1], meta["selected_epoch"], meta["selected_val_auroc"],
                     self.fit_info_["seconds"])
         return self
 

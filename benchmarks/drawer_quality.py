@@ -229,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = [(args.steps, args.guidance)] + [tuple(float(v) for v in s.split(":")) for s in args.sweep.split(",") if s]
         sweep = []
         main_result = None
+        gen = DiffusersImageGenerator(str(drawer_dir), cache)  # loaded once; each setting changes only the sampler's knobs
         for k, (steps, guidance) in enumerate(settings):
-            gen = DiffusersImageGenerator(str(drawer_dir), cache, num_inference_steps=int(steps), guidance_scale=guidance)
+            gen.num_inference_steps, gen.guidance_scale = int(steps), float(guidance)
             n_class, n_para = (args.n_class, args.n_para) if k == 0 else (max(10, args.n_class // 3), max(2, args.n_para // 3))
             res = evaluate(gen, clf, class_names, real_test, n_class, n_para)
             row = {"steps": int(steps), "guidance_scale": guidance, **{k2: v for k2, v in res.items() if not k2.startswith("_") and not k2.endswith("per_class")}}

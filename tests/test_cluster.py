@@ -12,6 +12,7 @@ pruned field). No network, no cluster: a few seconds.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import json
 import os
@@ -30,8 +31,14 @@ GPU_CONFIG = ROOT / "kka_ray" / "configs" / "gpu.yaml"
 STANDARD = {"CPU", "GPU", "TPU", "memory", "object_store_memory"}
 
 
-def _load(path: Path) -> dict:
+@functools.cache
+def _parsed(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
+
+
+def _load(path: Path) -> dict:
+    """The YAML at ``path``, parsed once per session; each caller gets its own copy to change."""
+    return copy.deepcopy(_parsed(path))
 
 
 def _render_module():

@@ -10,6 +10,11 @@ seeds, and writes
     benchmarks/results/fmnist_table_per_class.csv
 
 Runs and results are cached under ``--root``: run it again and it only does what is missing.
+They are also kept in the repository, so a fresh machine resumes instead of starting over:
+every finished KKA run is packed (``kka pack``, a few hundred KB) into
+``benchmarks/results/fmnist_runs/`` and unpacked from there when ``--root`` lacks it, and every
+detector fit's result is a line of ``benchmarks/results/fmnist_fits.jsonl``, restored into its
+run before evaluating (only onto a run whose anomaly set has the recorded digest).
 Goals (mean over the ten classes): Deep SAD without anomalies 89.2 AUROC and with 10 % real
 labelled anomalies of one class 91.3 (Ruff et al., 2020); SAD+KKA with only generated
 anomalies should beat 91.3, and KKA should lift every detector above its own no-anomaly row.
@@ -30,6 +35,7 @@ from pathlib import Path
 from machine import machine  # benchmarks/machine.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
+FITS = RESULTS / "fmnist_fits.jsonl"
 GOALS = {"sad_none_ruff2020": 89.2, "sad_10pct_real_anomalies_ruff2020": 91.3}
 # A CPU budget: one KKA iteration of 64 descriptions and images per class and mode, no DPO
 # after the last iteration (nothing is drawn with that adapter in the run).
@@ -47,18 +53,96 @@ def parse_classes(text: str) -> list[int]:
     return out
 
 
-def run_kka(root: Path, cls: int, mode: str, iterations: int, overrides: list[str]) -> Path:
+def restore_run(root: Path, cls: int, mode: str, archive: Path | None) -> Path:
+    """``<root>/class<cls>_<mode>``, unpacked from ``archive`` when only the archive has it."""
+    from kka_ray.archive import unpack_run
+
+    out = root / f"class{cls}_{mode}"
+    packed = archive / f"{out.name}.tar.gz" if archive is not None else None
+    if not (out / "state.json").is_file() and packed is not None and packed.is_file():
+        unpack_run(packed, out)
+    return out
+
+
+def run_kka(root: Path, cls: int, mode: str, iterations: int, overrides: list[str], archive: Path | None) -> Path:
+    from kka_ray.archive import pack_run
     from kka_ray.config import load_config
     from kka_ray.loop import KKARun
 
-    out = root / f"class{cls}_{mode}"
+    out = restore_run(root, cls, mode, archive)
     if (out / "state.json").is_file():
-        if json.loads((out / "state.json").read_text()).get("finished"):
-            return out
-        return KKARun.resume(out).execute()
-    cfg = load_config(overrides=[*DEFAULT_OVERRIDES, f"data.normal_classes=[{cls}]", f"run.mode={mode}",
-                                 f"run.iterations={iterations}", f"run.name=fmnist{cls}{mode}", *overrides])
-    return KKARun.create(cfg, str(out)).execute()
+        if not json.loads((out / "state.json").read_text()).get("finished"):
+            KKARun.resume(out).execute()
+    else:
+        cfg = load_config(overrides=[*DEFAULT_OVERRIDES, f"data.normal_classes=[{cls}]", f"run.mode={mode}",
+                                     f"run.iterations={iterations}", f"run.name=fmnist{cls}{mode}", *overrides])
+        KKARun.create(cfg, str(out)).execute()
+    if archive is not None and not (archive / f"{out.name}.tar.gz").is_file():
+        pack_run(out, archive / f"{out.name}.tar.gz", include_eval=False)
+    return out
+
+
+# A fit's record in FITS: what the tables need, where the fit ran, and the anomaly set it saw.
+FIT_KEYS = ("split", "mode", "detector", "variant", "iteration", "seed", "settings", "device", "n_generated",
+            "set_digest", "auroc", "aupr", "fpr95", "auroc_last", "aupr_last", "fpr95_last", "threshold",
+            "n_anomalies_train", "n_anomalies_val", "seconds", "source")
+
+
+def _fit_key(rec: dict) -> tuple:
+    return rec["run"], rec["detector"], rec["variant"], rec["iteration"], rec["seed"], rec["settings"]
+
+
+def load_fits(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def save_fits(path: Path, rows: list[dict]) -> int:
+    """Merge the evaluation ``rows`` into the records at ``path`` (one JSON line per fit, keyed by
+    run name, detector, variant, iteration, seed and settings); returns the number of records."""
+    records = {_fit_key(r): r for r in load_fits(path)}
+    for row in rows:
+        rec = {"run": Path(row["run"]).name, **{k: row[k] for k in FIT_KEYS if k in row}}
+        records[_fit_key(rec)] = rec
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for _, r in sorted(records.items(), key=lambda kv: str(kv[0]))))
+    tmp.replace(path)
+    return len(records)
+
+
+def restore_fits(run: Path, records: list[dict]) -> tuple[int, int]:
+    """Write the recorded fits of ``run`` (by its directory name) into ``<run>/eval/results`` where
+    missing, so evaluation reads them instead of fitting again. A record whose anomaly-set digest
+    differs from the run's (another run under the same name) is not restored. Returns
+    (restored, refused)."""
+    from kka_ray.data.store import write_json_atomic
+    from kka_ray.evaluation.inputs import RunInputs
+    from kka_ray.evaluation.runner import result_path
+
+    mine = [r for r in records if r["run"] == run.name]
+    if not mine:
+        return 0, 0
+    inputs, digests, restored, refused = RunInputs(run), {}, 0, 0
+    for rec in mine:
+        path = result_path(run / "eval" / "results", rec["detector"], rec["variant"], rec["iteration"], rec["seed"], rec["settings"])
+        if path.is_file():
+            continue
+        k = rec["iteration"]
+        if k not in digests:
+            try:
+                digests[k] = inputs.set_digest(k)
+            except FileNotFoundError:  # the run has no such iteration
+                digests[k] = None
+        if rec.get("set_digest", "") != digests[k]:
+            refused += 1
+            continue
+        write_json_atomic({**rec, "run": str(run)}, path)
+        restored += 1
+    if refused:
+        logging.getLogger("fmnist_table").warning("%s: %d recorded fits were made on another anomaly set; not restored", run, refused)
+    return restored, refused
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--detectors", default="ssd,sad,simplenet,recontrast,cmda")
     p.add_argument("--root", default="runs/fmnist_table")
+    p.add_argument("--archive", default=str(RESULTS / "fmnist_runs"),
+                   help="where finished runs are packed and unpacked from ('' for nowhere)")
+    p.add_argument("--fits", default=str(FITS), help="the per-fit records, restored and extended ('' for none)")
     p.add_argument("--eval-only", action="store_true", help="evaluate runs already under --root; run no KKA")
     p.add_argument("--tabulate", action="store_true",
                    help="write the results from the cached evaluation rows only (fit nothing)")
@@ -91,16 +178,22 @@ def main(argv: list[str] | None = None) -> int:
     args.iterations = {m: args.iterations for m in modes} | {k: int(v) for k, v in (i.split("=") for i in args.iterations_for)}
     detectors = [d.strip() for d in args.detectors.split(",") if d.strip()]
     root = Path(args.root)
+    archive = Path(args.archive) if args.archive else None
+    fits = Path(args.fits) if args.fits else None
+    records = load_fits(fits) if fits is not None else []
     start = time.perf_counter()
     runs: list[tuple[Path, str]] = []
     for c in classes:
         for mode in modes:
             if args.eval_only or args.tabulate:
-                run = root / f"class{c}_{mode}"
+                run = restore_run(root, c, mode, archive)
                 if not (run / "config.yaml").is_file():
                     continue
             else:
-                run = run_kka(root, c, mode, args.iterations[mode], args.overrides)
+                run = run_kka(root, c, mode, args.iterations[mode], args.overrides, archive)
+            restored, _ = restore_fits(run, records)
+            if restored:
+                print(f"{run.name}: {restored} fits restored from {fits}", flush=True)
             runs.append((run, mode))
     seeds_for = {d: args.seeds for d in detectors}
     seeds_for.update({k: int(v) for k, v in (item.split("=") for item in args.seeds_for)})
@@ -120,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += evaluate_run(run, [det], seeds=seeds_for[det], iterations="last",
                                      include_none=(mode == modes[0]), overrides=args.detector_set)
             write_results(rows, runs, args, classes, modes, seeds_for, root)
+            if fits is not None:
+                save_fits(fits, rows)
     finally:
         if started:
             import ray

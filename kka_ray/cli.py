@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="(re)write report.html of a run directory")
     rep.add_argument("run_dir")
 
+    from kka_ray.archive import add_parsers as add_archive_parsers
+
+    add_archive_parsers(sub)
+
     from kka_ray.evaluation.cli import add_parser as add_eval_parser
 
     add_eval_parser(sub)
@@ -110,6 +114,24 @@ def main(argv: list[str] | None = None) -> int:
             from kka_ray.report import write_report
 
             print(write_report(args.run_dir))
+        elif args.command == "pack":
+            from kka_ray.archive import pack_run
+
+            setup_logging("INFO")
+            try:
+                print(pack_run(args.run_dir, args.out, include_eval=not args.no_eval))
+            except ValueError as err:  # not finished
+                raise ConfigError(str(err)) from None
+        elif args.command == "unpack":
+            import tarfile
+
+            from kka_ray.archive import unpack_run
+
+            setup_logging("INFO")
+            try:
+                print(unpack_run(args.archive, args.dest))
+            except (ValueError, OSError, tarfile.TarError) as err:  # missing, occupied, or not a run archive
+                raise ConfigError(str(err)) from None
         elif args.command in ("status", "stop", "logs"):
             from kka_ray.submit import cli_command
 

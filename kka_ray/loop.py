@@ -254,13 +254,13 @@ class KKARun:
         """Normal features, Eq. 1 scores, Eq. 2 representatives and the prompts."""
         from safetensors.numpy import save_file
 
-        from kka_ray.knowledge.features import FeatureNormalizer
+        from kka_ray.knowledge.features import FeatureNormalizer, extractor_for
         from kka_ray.knowledge.mahalanobis import MahalanobisScorer
         from kka_ray.knowledge.prompts import build_prompts, resolve_template
         from kka_ray.knowledge.selection import select_representatives
 
         cfg, split = self.cfg, self.split
-        extractor = self._extractor()
+        extractor = extractor_for(cfg)
         raw = {name: extractor(getattr(split, name).images) for name in ("train", "holdout", "test")}
         normalizer = FeatureNormalizer().fit(raw["train"])
         feats = {name: normalizer.transform(z).astype(np.float32) for name, z in raw.items()}
@@ -277,14 +277,6 @@ class KKARun:
         self.inputs().remember_prep(feats, normalizer)
         return {"split": split.name, "n_train": len(split.train), "n_holdout": len(split.holdout),
                 "n_test": len(split.test), "n_prompts": len(prompts), "feature_dim": int(feats["train"].shape[1])}
-
-    def _extractor(self):
-        from kka_ray.devices import resolve_device
-        from kka_ray.knowledge.features import FeatureExtractor
-
-        k = self.cfg.knowledge
-        return FeatureExtractor(k.backbone, k.image_size, self.cfg.paths.cache_dir(),
-                                device=resolve_device(self.cfg.run.device), batch_size=k.batch_size)
 
     def baselines(self) -> dict[str, Any]:
         """Each ``detector.baselines`` detector without generated anomalies, once."""

@@ -115,3 +115,81 @@ def test_kka_eval_writes_the_tables_from_a_finished_run(finished_run, tmp_path, 
     bad = subprocess.run([sys.executable, str(job), str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "kka: error:" in bad.stderr and "nowhere" in bad.stderr
 
+
+
+def test_a_packed_run_unpacks_elsewhere_and_evaluates_as_the_original(finished_run, tmp_path):
+    """``kka pack`` drops the bulk (normal features, checkpoints); after ``kka unpack`` the features
+    are recomputed bit for bit and a detector scores exactly as on the original run. The
+    Fashion-MNIST benchmark's per-fit records restore onto the unpacked run by anomaly-set digest."""
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from kka_ray.archive import pack_run, unpack_run
+    from kka_ray.cli import main
+    from kka_ray.evaluation.inputs import RunInputs
+    from kka_ray.evaluation.runner import evaluate_run
+
+    packed = pack_run(finished_run, tmp_path / "run.tar.gz", include_eval=False)
+    assert pack_run(finished_run, tmp_path / "again.tar.gz", include_eval=False).read_bytes() == packed.read_bytes()
+    with tarfile.open(packed) as tar:
+        names = set(tar.getnames())
+    assert {"config.yaml", "state.json", "sets/iter_2.json", "prep/normalizer.safetensors"} <= names
+    assert not any(n.startswith(("prep/features", "detector/", "evaluator/", "ray_train/", "eval/")) for n in names)
+    assert packed.stat().st_size < sum(p.stat().st_size for p in finished_run.rglob("*") if p.is_file()) / 10
+
+    moved = unpack_run(packed, tmp_path / "moved")
+    original, restored = RunInputs(finished_run), RunInputs(moved)
+    assert restored.completed_iterations() == original.completed_iterations() == [1, 2]
+    assert restored.set_digest(2) == original.set_digest(2) != original.set_digest(1)
+    assert restored.n_generated(2) == original.n_generated(2)
+    assert not (moved / "prep" / "features.safetensors").exists()
+    for part in ("train", "holdout", "test"):
+        np.testing.assert_array_equal(restored.features()[part], original.features()[part])
+    assert (moved / "prep" / "features.safetensors").is_file()  # saved for the next reader
+
+    # SSD fitted anew on the unpacked run scores as the cached fit of the original
+    before = {(r["variant"], r["iteration"]): r for r in evaluate_run(finished_run, ["ssd"], seeds=1)}
+    after = {(r["variant"], r["iteration"]): r for r in evaluate_run(moved, ["ssd"], seeds=1)}
+    assert set(after) == set(before) and len(after) == 3
+    for key, row in after.items():
+        assert row["auroc"] == pytest.approx(before[key]["auroc"], abs=1e-9)
+        assert row["set_digest"] == before[key]["set_digest"]
+
+    # with its evaluations, the archive carries the cached rows, pointed at the new directory
+    full = unpack_run(pack_run(finished_run, tmp_path / "full.tar.gz"), tmp_path / "full")
+    rows = [json.loads(p.read_text()) for p in (full / "eval" / "results").glob("*.json")]
+    assert rows and all(r["run"] == str(full) for r in rows)
+
+    # refusals name the problem
+    assert main(["unpack", str(packed), str(moved)]) == 2
+    (tmp_path / "junk.tar.gz").write_text("not an archive")
+    assert main(["unpack", str(tmp_path / "junk.tar.gz"), str(tmp_path / "junk")]) == 2
+    unfinished = unpack_run(packed, tmp_path / "unfinished")
+    state = json.loads((unfinished / "state.json").read_text())
+    (unfinished / "state.json").write_text(json.dumps({**state, "finished": False}))
+    with pytest.raises(ValueError, match="has not finished"):
+        pack_run(unfinished)
+
+    # the benchmark's per-fit records: saved from one run, restored onto its unpacked copy
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import fmnist_table
+    finally:
+        sys.path.pop(0)
+    fits = tmp_path / "fits.jsonl"
+    ssd_rows = evaluate_run(moved, ["ssd"], seeds=1)
+    assert fmnist_table.save_fits(fits, ssd_rows) == 3
+    assert fmnist_table.save_fits(fits, ssd_rows) == 3  # merged by key, not appended
+    records = fmnist_table.load_fits(fits)
+    copy = unpack_run(packed, tmp_path / "copy" / moved.name)  # the records name runs by directory name
+    assert fmnist_table.restore_fits(copy, records) == (3, 0)
+    again = {(r["variant"], r["iteration"]): r["auroc"] for r in evaluate_run(copy, ["ssd"], seeds=1)}
+    assert again == {k: r["auroc"] for k, r in after.items()}
+    assert not (copy / "prep" / "features.safetensors").exists()  # nothing was fitted: no features were needed
+    other = tmp_path / "other" / moved.name
+    unpack_run(packed, other)
+    tampered = [{**r, "set_digest": "0" * 12} if r["iteration"] == 2 else r for r in records]
+    assert fmnist_table.restore_fits(other, tampered) == (2, 1)

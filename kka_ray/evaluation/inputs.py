@@ -87,6 +87,19 @@ class RunInputs:
             raise FileNotFoundError(f"{path} does not exist: iteration {k} of this run has not finished its update stage")
         return load_anomaly_set(path)
 
+    def set_digest(self, k: int) -> str:
+        """A short hash of the anomaly set after iteration ``k`` (its members' ids and image bytes;
+        ``""`` for k = 0): results with the same digest were fitted on the same anomalies."""
+        members = self.members(k)
+        if not members:
+            return ""
+        rows = self.store.rows([m.id for m in members], columns=["id", "image"])
+        h = hashlib.sha1()
+        for i, image in sorted(zip(rows.column("id").to_pylist(), rows.column("image").to_pylist())):
+            h.update(i.encode())
+            h.update(hashlib.sha1(bytes(image)).digest())
+        return h.hexdigest()[:12]
+
     def n_generated(self, k: int) -> int:
         """Anomalies generated (kept after drawing) in iterations 1..k."""
         total = 0
@@ -102,10 +115,27 @@ class RunInputs:
             from safetensors.numpy import load_file
 
             path = self.dir / "prep" / "features.safetensors"
-            if not path.is_file():
+            if path.is_file():
+                self._features = load_file(str(path))
+            elif (self.dir / "prep" / "normalizer.safetensors").is_file():
+                self._features = self._recompute_features(path)
+            else:
                 raise FileNotFoundError(f"{path} does not exist: the run's prep stage has not finished")
-            self._features = load_file(str(path))
         return self._features
+
+    def _recompute_features(self, path: Path) -> dict[str, np.ndarray]:
+        """The normal features a packed run left out (kka_ray/archive.py): the run's backbone on
+        its own split, normalised with its saved normaliser, as the prep stage computed them."""
+        from safetensors.numpy import save_file
+
+        from kka_ray.knowledge.features import extractor_for
+
+        logger.info("%s has no prep features (a packed run): recomputing them with %s", self.dir, self.cfg.knowledge.backbone)
+        extractor, normalizer = extractor_for(self.cfg), self.normalizer()
+        feats = {name: normalizer.transform(extractor(getattr(self.split, name).images)).astype(np.float32)
+                 for name in ("train", "holdout", "test")}
+        save_file({k: np.ascontiguousarray(v) for k, v in feats.items()}, str(path))
+        return feats
 
     def remember_prep(self, features: dict[str, np.ndarray], normalizer) -> None:
         """Keep what the prep stage just computed instead of reading it back from disk."""

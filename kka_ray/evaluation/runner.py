@@ -107,6 +107,11 @@ def settings_hash(section, name: str) -> str:
     return hashlib.sha1(json.dumps([common, own], sort_keys=True).encode()).hexdigest()[:8]
 
 
+def result_path(out_dir: Path, detector: str, variant: str, iteration: int, seed: int, settings: str) -> Path:
+    """Where one fit's result row is cached (``<run>/eval/results/``)."""
+    return Path(out_dir) / f"{detector}__{variant}__it{iteration}__s{seed}__{settings}.json"
+
+
 def variant_of(inputs: RunInputs, iteration: int) -> str:
     return "none" if iteration == 0 else f"kka_{inputs.cfg.run.mode}"
 
@@ -136,7 +141,7 @@ def evaluate_run(run_dir: str | Path, detectors: list[str], seeds: int = DEFAULT
             for s in range(seeds):
                 seed = base_seed * 1000 + s
                 tag = settings_hash(inputs.cfg.detector, name)
-                path = out_dir / f"{name}__{variant_of(inputs, k)}__it{k}__s{seed}__{tag}.json"
+                path = result_path(out_dir, name, variant_of(inputs, k), k, seed, tag)
                 if path.is_file():
                     rows.append(json.loads(path.read_text()))
                     continue
@@ -146,7 +151,7 @@ def evaluate_run(run_dir: str | Path, detectors: list[str], seeds: int = DEFAULT
                        "normal_classes": list(split.normal_class_names), "mode": inputs.cfg.run.mode,
                        "detector": name, "variant": variant_of(inputs, k), "iteration": k, "seed": seed,
                        "settings": tag, "device": device_label(inputs.cfg, name),
-                       "n_generated": inputs.n_generated(k), **result}
+                       "n_generated": inputs.n_generated(k), "set_digest": inputs.set_digest(k), **result}
                 write_json_atomic(row, path)
                 rows.append(row)
     return rows

@@ -177,6 +177,15 @@ class FeatureNormalizer:
         return norm
 
 
+def extractor_for(cfg) -> FeatureExtractor:
+    """The backbone feature extractor a run's config (``knowledge.*``, ``run.device``) describes."""
+    from kka_ray.devices import resolve_device
+
+    k = cfg.knowledge
+    return FeatureExtractor(k.backbone, k.image_size, cfg.paths.cache_dir(),
+                            device=resolve_device(cfg.run.device), batch_size=k.batch_size)
+
+
 def decode_image(data: Any) -> np.ndarray:
     """PNG/JPEG bytes -> uint8 (H, W, 3). Raises on anything that is not a decodable image."""
     from PIL import Image

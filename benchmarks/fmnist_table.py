@@ -11,7 +11,7 @@ seeds, and writes
 
 Runs and results are cached under ``--root``: run it again and it only does what is missing.
 They are also kept in the repository, so a fresh machine resumes instead of starting over:
-every finished KKA run is packed (``kka pack``, a few hundred KB) into
+every finished KKA run is packed (``kka pack --drop-features``, tens of KB per iteration) into
 ``benchmarks/results/fmnist_runs/`` and unpacked from there when ``--root`` lacks it, and every
 detector fit's result is a line of ``benchmarks/results/fmnist_fits.jsonl``, restored into its
 run before evaluating (only onto a run whose anomaly set has the recorded digest).
@@ -78,7 +78,7 @@ def run_kka(root: Path, cls: int, mode: str, iterations: int, overrides: list[st
                                      f"run.iterations={iterations}", f"run.name=fmnist{cls}{mode}", *overrides])
         KKARun.create(cfg, str(out)).execute()
     if archive is not None and not (archive / f"{out.name}.tar.gz").is_file():
-        pack_run(out, archive / f"{out.name}.tar.gz", include_eval=False)
+        pack_run(out, archive / f"{out.name}.tar.gz", include_eval=False, drop_features=True)
     return out
 
 

@@ -1,13 +1,20 @@
 """Pack a finished run directory into one small archive, and unpack it anywhere.
 
 A run directory holds what a run produced (its config, stage records, anomaly store and sets,
-the prep stage's prompts) beside bulk that can be rebuilt or is only needed to resume: the
-normal images' backbone features (``prep/features.safetensors``, tens of MB), detector and
-evaluator checkpoints, Ray Train and Ray Data scratch, the LoRA adapters. ``kka pack`` keeps
-the first and drops the second, so a finished run moves off a cluster, into a repository or
-to a colleague at a few hundred KB; ``kka unpack`` restores it, and ``kka eval`` then works on
-it as on the original: the dropped features are recomputed from the run's own split with its
-backbone and saved normaliser on first use (:meth:`kka_ray.evaluation.inputs.RunInputs.features`).
+the prep stage's prompts) beside bulk that can be rebuilt or is only needed to resume: backbone
+features (of the normal images, ``prep/features.safetensors``, tens of MB, and of every
+generated image, the anomaly store's ``features`` column), detector and evaluator checkpoints,
+Ray Train and Ray Data scratch, the LoRA adapters. ``kka pack`` keeps the first and drops the
+second, so a finished run moves off a cluster, into a repository or to a colleague at a few
+hundred KB; ``kka unpack`` restores it, and ``kka eval`` then works on it as on the original:
+the normal features are recomputed from the run's own split with its saved normaliser on first
+use (:meth:`kka_ray.evaluation.inputs.RunInputs.features`), bit for bit with the same backbone
+weights and torch build.
+
+The anomaly store keeps its ``features`` column unless ``--drop-features`` (then a packed
+iteration is tens of KB): ``kka unpack`` recomputes them from the stored PNGs as generation
+does, equal up to float rounding (generation's thread count and batching differ), so a feature
+detector fitted on an unpacked run may differ from the original in the last digits.
 
 Detector evaluations already made (``eval/results/*.json``) travel with the run unless
 ``--no-eval``; unpacking points their ``run`` field at the new directory.
@@ -38,7 +45,61 @@ def _members(run: Path, include_eval: bool) -> list[str]:
     return names
 
 
-def pack_run(run_dir: str | Path, out: str | Path | None = None, include_eval: bool = True) -> Path:
+def _is_store(name: str) -> bool:
+    return name.startswith("anomalies/") and name.endswith(".parquet")
+
+
+def _without_features(path: Path) -> bytes:
+    """An anomaly store file without its ``features`` column, as Parquet bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    if "features" in table.column_names:
+        table = table.drop_columns(["features"])
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _restore_features(run: Path) -> int:
+    """Add the ``features`` column back to every anomaly store file of ``run`` that lacks it,
+    computed from its PNGs as generation does (:class:`~kka_ray.knowledge.features.FeatureBatchExtractor`
+    with the run's backbone). Returns the number of rows given features."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kka_ray.config import load_config
+    from kka_ray.devices import resolve_device
+    from kka_ray.knowledge.features import FeatureBatchExtractor
+
+    files = [p for p in sorted((run / "anomalies").glob("*.parquet")) if "features" not in pq.read_schema(p).names]
+    if not files:
+        return 0
+    cfg = load_config(run / "config.yaml")
+    k = cfg.knowledge
+    extract = FeatureBatchExtractor(k.backbone, k.image_size, cfg.paths.cache_dir(),
+                                    device=resolve_device(cfg.run.device), batch_size=k.batch_size)
+    n = 0
+    for path in files:
+        table = pq.read_table(path)
+        images = np.empty(table.num_rows, dtype=object)
+        images[:] = table.column("image").to_pylist()
+        feats = extract({"image": images})["features"] if table.num_rows else np.zeros((0, 0), np.float32)
+        if len(feats) != table.num_rows:
+            raise ValueError(f"{path}: {table.num_rows - len(feats)} stored images do not decode; the archive is damaged")
+        column = pa.array([row.tolist() for row in np.asarray(feats, np.float32)], type=pa.list_(pa.float32()))
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(table.append_column("features", column), tmp)
+        tmp.replace(path)
+        n += table.num_rows
+    logger.info("recomputed the backbone features of %d stored anomalies with %s", n, k.backbone)
+    return n
+
+
+def pack_run(run_dir: str | Path, out: str | Path | None = None, include_eval: bool = True,
+             drop_features: bool = False) -> Path:
     """Write ``run_dir`` (finished) as a gzip tar ``out`` (default ``<run_dir>.tar.gz``) and return its path.
 
     The archive is reproducible: entries are sorted and carry no owner or time, so packing the
@@ -58,7 +119,7 @@ def pack_run(run_dir: str | Path, out: str | Path | None = None, include_eval: b
     with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz, \
             tarfile.open(fileobj=gz, mode="w") as tar:
         for name in _members(run, include_eval):
-            data = (run / name).read_bytes()
+            data = _without_features(run / name) if drop_features and _is_store(name) else (run / name).read_bytes()
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = len(data), 0o644, 0
             tar.addfile(info, io.BytesIO(data))
@@ -91,6 +152,7 @@ def unpack_run(archive: str | Path, dest: str | Path) -> Path:
                 row["run"] = str(dest)
                 data = json.dumps(row, indent=1).encode()
             target.write_bytes(data)
+    _restore_features(dest)
     logger.info("unpacked %s into %s", archive, dest)
     return dest
 
@@ -100,6 +162,8 @@ def add_parsers(sub) -> None:
     pack.add_argument("run_dir")
     pack.add_argument("--out", "-o", help="archive path (default: <run_dir>.tar.gz)")
     pack.add_argument("--no-eval", action="store_true", help="leave out the detector evaluations (eval/results)")
+    pack.add_argument("--drop-features", action="store_true",
+                      help="leave out the anomaly store's backbone features (recomputed on unpack, equal up to float rounding)")
     unpack = sub.add_parser("unpack", help="restore a packed run into a new directory (kka eval works on it)")
     unpack.add_argument("archive")
     unpack.add_argument("dest")

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
             setup_logging("INFO")
             try:
-                print(pack_run(args.run_dir, args.out, include_eval=not args.no_eval))
+                print(pack_run(args.run_dir, args.out, include_eval=not args.no_eval, drop_features=args.drop_features))
             except ValueError as err:  # not finished
                 raise ConfigError(str(err)) from None
         elif args.command == "unpack":

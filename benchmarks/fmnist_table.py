@@ -85,7 +85,7 @@ def run_kka(root: Path, cls: int, mode: str, iterations: int, overrides: list[st
 # A fit's record in FITS: what the tables need, where the fit ran, and the anomaly set it saw.
 FIT_KEYS = ("split", "mode", "detector", "variant", "iteration", "seed", "settings", "device", "n_generated",
             "set_digest", "auroc", "aupr", "fpr95", "auroc_last", "aupr_last", "fpr95_last", "threshold",
-            "n_anomalies_train", "n_anomalies_val", "seconds", "source")
+            "n_anomalies_train", "n_anomalies_val", "seconds")
 
 
 def _fit_key(rec: dict) -> tuple:
@@ -207,14 +207,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = init_ray(load_config(runs[0][0] / "config.yaml"))
     try:
-        # detector by detector, cheapest first as listed: the tables are rewritten after each
+        # detector by detector, cheapest first as listed: the tables are rewritten after each,
+        # the fit records after each run (an interrupted session keeps what it fitted)
         for det in detectors:
             for run, mode in runs:
                 rows += evaluate_run(run, [det], seeds=seeds_for[det], iterations="last",
                                      include_none=(mode == modes[0]), overrides=args.detector_set)
+                if fits is not None:
+                    save_fits(fits, rows)
             write_results(rows, runs, args, classes, modes, seeds_for, root)
-            if fits is not None:
-                save_fits(fits, rows)
     finally:
         if started:
             import ray

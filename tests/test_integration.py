@@ -168,6 +168,10 @@ def test_a_packed_run_unpacks_elsewhere_and_evaluates_as_the_original(finished_r
     before = {(r["variant"], r["iteration"]): r for r in evaluate_run(finished_run, ["ssd"], seeds=1)}
     after = {(r["variant"], r["iteration"]): r for r in evaluate_run(moved, ["ssd"], seeds=1)}
     assert set(after) == set(before) and len(after) == 3
+    # without the no-anomaly rows (another run of the split has them) SSD keeps its KKA rows and
+    # CMDA, which takes no anomalies, has nothing to fit
+    assert [r["variant"] for r in evaluate_run(moved, ["ssd"], seeds=1, include_none=False)] == ["kka_add"] * 2
+    assert evaluate_run(moved, ["cmda"], seeds=1, include_none=False) == []
     for key, row in after.items():
         assert row["auroc"] == pytest.approx(before[key]["auroc"], abs=1e-9)
         assert row["set_digest"] == before[key]["set_digest"]

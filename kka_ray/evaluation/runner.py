@@ -121,7 +121,8 @@ def evaluate_run(run_dir: str | Path, detectors: list[str], seeds: int = DEFAULT
                  overrides: list[str] | None = None) -> list[dict[str, Any]]:
     """Result rows for ``detectors`` x (none, kka per iteration) x ``seeds`` on one run (cached).
 
-    ``include_none=False`` skips the no-anomaly rows (another run of the same split has them).
+    ``include_none=False`` skips the no-anomaly rows (another run of the same split has them),
+    so a detector that takes no anomalies (CMDA) gets no rows at all.
     ``overrides`` (``detector.<...>=value``) change the detectors' settings from the run's own."""
     inputs = RunInputs(run_dir, cfg=run_config(run_dir, overrides))
     done = inputs.completed_iterations()
@@ -136,7 +137,7 @@ def evaluate_run(run_dir: str | Path, detectors: list[str], seeds: int = DEFAULT
     rows = []
     for name in detectors:
         input_kind(name)
-        its = ([0] if include_none or name not in TAKES_ANOMALIES else []) + (kka_iters if name in TAKES_ANOMALIES else [])
+        its = ([0] if include_none else []) + (kka_iters if name in TAKES_ANOMALIES else [])
         for k in its:
             for s in range(seeds):
                 seed = base_seed * 1000 + s

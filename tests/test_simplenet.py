@@ -166,6 +166,53 @@ def test_stage_map_and_patch_grid(lite0_cache, fmnist):
         PatchFeatureExtractor(trunk, [3, 7])
 
 
+def test_frozen_features_are_computed_once_per_content_and_bounded():
+    """The process-wide cache: equal rows (another array object) hit, other rows or other
+    settings miss, least recently used goes first past the byte budget, 0 bytes turns it off."""
+    from kka_ray.detectors.base import FrozenFeatureCache
+
+    cache, calls = FrozenFeatureCache(), []
+
+    def compute(rows):
+        calls.append(len(rows))
+        return rows.astype(np.float32) * 2.0  # 4 bytes per value
+
+    a, b = np.arange(6, dtype=np.uint8).reshape(2, 3), np.arange(6, 12, dtype=np.uint8).reshape(2, 3)
+    first = cache.get(("s",), a, compute, max_bytes=48)
+    again = cache.get(("s",), a.copy(), compute, max_bytes=48)
+    assert again is first and calls == [2] and not first.flags.writeable
+    assert (cache.hits, cache.misses, cache.nbytes) == (1, 1, 24)
+    cache.get(("other",), a, compute, max_bytes=48)  # other settings: computed again
+    assert calls == [2, 2] and cache.nbytes == 48
+    cache.get(("s",), a, compute, max_bytes=48)  # touch ("s", a): ("other", a) is now the oldest
+    cache.get(("s",), b, compute, max_bytes=48)  # 72 bytes > 48: the oldest goes
+    assert cache.nbytes == 48 and calls == [2, 2, 2]
+    cache.get(("s",), a, compute, max_bytes=48)
+    assert calls == [2, 2, 2]  # still there
+    cache.get(("other",), a, compute, max_bytes=48)
+    assert calls == [2, 2, 2, 2]  # evicted, so computed again
+    off = cache.get(("s",), a, compute, max_bytes=0)
+    assert off.flags.writeable and calls[-1] == 2 and len(calls) == 5
+
+
+def test_patch_features_reuse_the_frozen_feature_cache(lite0_cache, fmnist):
+    from kka_ray.detectors.base import FROZEN_FEATURES
+    from kka_ray.detectors.simplenet import SimpleNet
+
+    FROZEN_FEATURES.clear()
+    images = fmnist["normal"][:4]
+    det = SimpleNet(CFG, DetectorContext(cache_dir=lite0_cache, image_size=64))
+    feats = det.patch_features(images)
+    other = SimpleNet(CFG, DetectorContext(cache_dir=lite0_cache, image_size=64, seed=3))  # another seed: same features
+    assert other.patch_features(images.copy()) is feats and FROZEN_FEATURES.hits == 1
+    uncached = SimpleNet(CFG, DetectorContext(cache_dir=lite0_cache, image_size=64, feature_cache_bytes=0))
+    np.testing.assert_array_equal(uncached.patch_features(images), feats)  # the cache returns what it computed
+    coarser = SimpleNet(SimpleNetSection(layers=[4], epochs=1), DetectorContext(cache_dir=lite0_cache, image_size=64))
+    assert coarser.patch_features(images).shape == (4, 16, 112)  # other layers: not the cached array
+    assert FROZEN_FEATURES.misses == 2
+    FROZEN_FEATURES.clear()
+
+
 @pytest.mark.slow
 def test_fit_separates_an_easy_pair(fitted, fmnist):
     s_norm = fitted.decision_function(fmnist["test_normal"])

@@ -59,10 +59,67 @@ class Validation:
         return self.anomalies is not None and len(self.anomalies) > 0
 
 
+class FrozenFeatureCache:
+    """Features of a frozen network by (extractor settings, content digest of the input rows),
+    least recently used out first within a byte budget.
+
+    A detector over frozen features computes the same ones again and again when a run is
+    evaluated: the training normals, held-out normals and test images are the same for every
+    seed and KKA iteration of a split, and the test images are scored twice (selected and last
+    epoch). Cached arrays are read-only; an array larger than the budget is never kept.
+    """
+
+    def __init__(self) -> None:
+        from collections import OrderedDict
+
+        self._items: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def digest(rows: np.ndarray) -> str:
+        import hashlib
+
+        rows = np.ascontiguousarray(rows)
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{rows.dtype.str}{rows.shape}".encode())
+        h.update(memoryview(rows).cast("B"))
+        return h.hexdigest()
+
+    def get(self, settings: tuple, rows: np.ndarray, compute, max_bytes: int) -> np.ndarray:
+        """``compute(rows)``, or the array it gave before for equal ``rows`` under ``settings``."""
+        if max_bytes <= 0:
+            return compute(rows)
+        key = (settings, self.digest(rows))
+        if key in self._items:
+            self._items.move_to_end(key)
+            self.hits += 1
+            return self._items[key]
+        self.misses += 1
+        out = compute(rows)
+        if out.nbytes <= max_bytes:
+            out.flags.writeable = False
+            self._items[key] = out
+            self.nbytes += out.nbytes
+        while self.nbytes > max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.nbytes -= old.nbytes
+        return out
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.nbytes = self.hits = self.misses = 0
+
+
+FROZEN_FEATURES = FrozenFeatureCache()  # one per process: shared by every detector instance in it
+
+
 @dataclass
 class DetectorContext:
     """What a detector may need beyond its own config: where Ray Train writes, the model cache,
-    the backbone name and input size, the device and the seed."""
+    the backbone name and input size, the device and the seed. ``feature_cache_bytes`` bounds the
+    process-wide cache of frozen-backbone features (:class:`FrozenFeatureCache`; 0 turns it off)."""
 
     storage_path: str | None = None
     cache_dir: str | None = None
@@ -70,6 +127,7 @@ class DetectorContext:
     image_size: int = 64
     device: str = "cpu"
     seed: int = 0
+    feature_cache_bytes: int = 1 << 30
 
     def storage(self, prefix: str) -> str:
         if self.storage_path is None:

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from kka_ray.config import SimpleNetSection
-from kka_ray.detectors.base import Detector, DetectorContext, Validation, check_rows, check_which
+from kka_ray.detectors.base import FROZEN_FEATURES, Detector, DetectorContext, Validation, check_rows, check_which
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +80,19 @@ class SimpleNet(Detector):
         return self._extractor
 
     def patch_features(self, images: np.ndarray, what: str = "images") -> np.ndarray:
-        """Frozen-backbone patch features, float32 ``(n, P, sum C_l)`` (P patches per image, row-major)."""
+        """Frozen-backbone patch features, float32 ``(n, P, sum C_l)`` (P patches per image, row-major).
+
+        Read-only: equal images give the array computed before, from the process-wide
+        :data:`~kka_ray.detectors.base.FROZEN_FEATURES` (``context.feature_cache_bytes``)."""
+        images = check_rows(images, what, "images")
+        ctx = self.context
+        settings = ("simplenet", ctx.backbone, ctx.image_size, str(ctx.cache_dir), ctx.device,
+                    tuple(self.cfg.layers), self.cfg.patch_size)
+        return FROZEN_FEATURES.get(settings, images, self._compute_patch_features, ctx.feature_cache_bytes)
+
+    def _compute_patch_features(self, images: np.ndarray) -> np.ndarray:
         import torch
 
-        images = check_rows(images, what, "images")
         fe, patches = self._feature_modules()
         out = []
         with torch.inference_mode():
@@ -170,7 +179,7 @@ class SimpleNet(Detector):
                                  f"{sum(self.layer_channels_)}; use the same backbone and simplenet.layers")
             with torch.inference_mode():
                 for i in range(0, len(feats), SCORE_BATCH):
-                    xb = torch.from_numpy(feats[i : i + SCORE_BATCH]).to(self.context.device)
+                    xb = torch.from_numpy(feats[i : i + SCORE_BATCH].copy()).to(self.context.device)  # cached rows are read-only
                     parts.append((-head(xb.flatten(0, 1))).view(len(xb), -1).double().cpu().numpy())
         out = np.concatenate(parts)
         side = int(round(np.sqrt(out.shape[1])))

@@ -17,6 +17,7 @@ validation AUROC of the selected and the last epoch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import tempfile
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -66,21 +68,18 @@ class FrozenFeatureCache:
     A detector over frozen features computes the same ones again and again when a run is
     evaluated: the training normals, held-out normals and test images are the same for every
     seed and KKA iteration of a split, and the test images are scored twice (selected and last
-    epoch). Cached arrays are read-only; an array larger than the budget is never kept.
+    epoch). Cached arrays are read-only; an array larger than the budget is never kept. The
+    budget is the caller's: a call with a smaller one trims the shared cache down to it.
     """
 
     def __init__(self) -> None:
-        from collections import OrderedDict
-
-        self._items: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+        self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self.nbytes = 0
         self.hits = 0
         self.misses = 0
 
     @staticmethod
     def digest(rows: np.ndarray) -> str:
-        import hashlib
-
         rows = np.ascontiguousarray(rows)
         h = hashlib.blake2b(digest_size=16)
         h.update(f"{rows.dtype.str}{rows.shape}".encode())

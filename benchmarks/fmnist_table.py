@@ -226,14 +226,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def fitted_on(rows: list[dict]) -> dict[str, str]:
-    """Per detector, the devices its fits ran on with their counts (rows from before the
-    ``device`` field were fitted on this CPU)."""
-    from collections import Counter
-
-    counts: dict[str, Counter] = {}
+    """Per detector, the devices its fits ran on with their counts and seconds per fit (mean,
+    min-max; rows from before the ``device`` field were fitted on this CPU)."""
+    per: dict[str, dict[str, list[float]]] = {}
     for r in rows:
-        counts.setdefault(r["detector"], Counter())[r.get("device", "cpu")] += 1
-    return {d: ", ".join(f"{dev} ({n} fits)" for dev, n in c.most_common()) for d, c in counts.items()}
+        per.setdefault(r["detector"], {}).setdefault(r.get("device", "cpu"), []).append(float(r.get("seconds", 0.0)))
+    out = {}
+    for d, devices in per.items():
+        parts = []
+        for dev, secs in sorted(devices.items(), key=lambda kv: -len(kv[1])):
+            parts.append(f"{dev} ({len(secs)} fits, {sum(secs) / len(secs):.0f} s per fit, "
+                         f"{min(secs):.0f}-{max(secs):.0f})")
+        out[d] = ", ".join(parts)
+    return out
 
 
 def compute_seconds(runs: list[tuple[Path, str]], rows: list[dict]) -> dict[str, float]:

@@ -201,6 +201,8 @@ def test_a_packed_run_unpacks_elsewhere_and_evaluates_as_the_original(finished_r
     ssd_rows = evaluate_run(moved, ["ssd"], seeds=1)
     assert fmnist_table.save_fits(fits, ssd_rows) == 3
     assert fmnist_table.save_fits(fits, ssd_rows) == 3  # merged by key, not appended
+    where = fmnist_table.fitted_on(ssd_rows)["ssd"]  # device, count and seconds per fit
+    assert where.startswith(f"{ssd_rows[0]['device']} (3 fits, ") and " s per fit, " in where
     records = fmnist_table.load_fits(fits)
     copy = unpack_run(packed, tmp_path / "copy" / moved.name)  # the records name runs by directory name
     assert fmnist_table.restore_fits(copy, records) == (3, 0)

@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 run = restore_run(root, c, mode, archive)
                 if not (run / "config.yaml").is_file():
                     continue
+                args.iterations[mode] = load_config(run / "config.yaml").run.iterations  # as the kept run was made
             else:
                 run = run_kka(root, c, mode, args.iterations[mode], args.overrides, archive)
             restored, _ = restore_fits(run, records)

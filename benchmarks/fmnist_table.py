@@ -232,14 +232,9 @@ def fitted_on(rows: list[dict]) -> dict[str, str]:
     per: dict[str, dict[str, list[float]]] = {}
     for r in rows:
         per.setdefault(r["detector"], {}).setdefault(r.get("device", "cpu"), []).append(float(r.get("seconds", 0.0)))
-    out = {}
-    for d, devices in per.items():
-        parts = []
-        for dev, secs in sorted(devices.items(), key=lambda kv: -len(kv[1])):
-            parts.append(f"{dev} ({len(secs)} fits, {sum(secs) / len(secs):.0f} s per fit, "
-                         f"{min(secs):.0f}-{max(secs):.0f})")
-        out[d] = ", ".join(parts)
-    return out
+    return {d: ", ".join(f"{dev} ({len(s)} fits, {sum(s) / len(s):.0f} s per fit, {min(s):.0f}-{max(s):.0f})"
+                         for dev, s in sorted(devices.items(), key=lambda kv: -len(kv[1])))
+            for d, devices in per.items()}
 
 
 def compute_seconds(runs: list[tuple[Path, str]], rows: list[dict]) -> dict[str, float]:

@@ -28,12 +28,14 @@ import logging
 import tarfile
 from pathlib import Path, PurePosixPath
 
+from kka_ray.data.store import STORE_COLUMNS
+
 logger = logging.getLogger(__name__)
 
 # What a packed run keeps: files at the top, and whole sub-directories.
 KEPT_FILES = ("config.yaml", "state.json", "metrics.jsonl", "baselines.json", "report.html",
               "prep/normalizer.safetensors", "prep/prompts.json", "prep/representatives.json")
-KEPT_DIRS = ("stages", "sets", "anomalies")
+KEPT_DIRS = ("stages", "sets", "anomalies", "audit")
 EVAL_DIR = "eval/results"
 
 
@@ -91,7 +93,9 @@ def _restore_features(run: Path) -> int:
             raise ValueError(f"{path}: {table.num_rows - len(feats)} stored images do not decode; the archive is damaged")
         column = pa.array([row.tolist() for row in np.asarray(feats, np.float32)], type=pa.list_(pa.float32()))
         tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table.append_column("features", column), tmp)
+        order = list(table.column_names)
+        order.insert(min(STORE_COLUMNS.index("features"), len(order)), "features")  # where the store keeps it
+        pq.write_table(table.append_column("features", column).select(order), tmp)
         tmp.replace(path)
         n += table.num_rows
     logger.info("recomputed the backbone features of %d stored anomalies with %s", n, k.backbone)

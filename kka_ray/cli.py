@@ -2,7 +2,7 @@
 
     kka run [--config FILE] [--output DIR] [key.sub=value ...]   run KKA (embedded default without --config)
     kka run --resume DIR                                         continue a run from its last completed stage
-    kka prepare models [--cache DIR]                             convert/build the local default models
+    kka prepare models [--cache DIR] [--gemma3]                  convert/build the local default models
     kka prepare drawer OUT_DIR [--steps N --device auto ...]     train the default drawer's UNet on Fashion-MNIST
     kka config [--config FILE] [key.sub=value ...]               print the resolved config
     kka report DIR                                               (re)write DIR/report.html
@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="models: convert/build the local default models into the cache; drawer: train the "
                            "default drawer (options: kka prepare drawer --help)")
     prep.add_argument("--cache", help="model cache directory (default: paths.model_cache or $KKA_CACHE)")
+    prep.add_argument("--gemma3", action="store_true", help="also convert Gemma 3 270M (base; Gemma Terms of Use) from "
+                      "its installed GGUF packages, for describer.model=gemma3-270m")
 
     cfg = sub.add_parser("config", help="print the resolved config as YAML")
     cfg.add_argument("--config", "-c")
@@ -108,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             cache = args.cache or str(KKAConfig().paths.cache_dir())
             for name, path in prepare_models(cache).items():
                 print(f"{name}: {path}")
+            if args.gemma3:
+                from kka_ray.generation.gemma3 import prepare_gemma3
+
+                print(f"gemma3-270m: {prepare_gemma3(cache)}")
         elif args.command == "config":
             print(load_config(args.config, args.overrides).to_yaml(), end="")
         elif args.command == "report":

@@ -129,27 +129,66 @@ class KnowledgeSection(_Section):
     resources: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=1))
 
 
+class PromptTemplate(_Section):
+    """An Eq. 3 prompt: ``text`` with ``{description}`` (a representative normal description,
+    Eq. 2) and optionally ``{domain}`` and ``{normal}`` (the normal class names). ``chat``: sent
+    through the tokenizer's chat template as a user turn; false: a plain completion prompt that
+    the answer prefix continues (base models, few-shot lists)."""
+
+    text: str
+    chat: bool = True
+
+    @field_validator("text")
+    @classmethod
+    def _has_description(cls, v: str) -> str:
+        if "{description}" not in v:
+            raise ValueError("a prompt template must contain {description} (where the representative description goes)")
+        return v
+
+
+def _default_templates() -> dict[str, PromptTemplate]:
+    return {
+        # A few-shot list completion, no chat template: the normal caption is the first line and
+        # the model continues the list with other items. Measured best on the ten Fashion-MNIST
+        # classes (benchmarks/results/anomaly_audit.json, README "Generated anomalies").
+        "list": PromptTemplate(
+            text="Captions of {domain}, a different kind of item on each line:\n- {description}\n- ", chat=False),
+        # The same list, told which item not to repeat.
+        "list_not_normal": PromptTemplate(
+            text="Captions of {domain}, a different kind of item on each line, none of them a {normal}:\n- {description}\n- ",
+            chat=False),
+        # The paper's wording (Eq. 3), through the chat template.
+        "paper": PromptTemplate(
+            text="Please generate new sentences that describe {domain}. The sentences should follow the exact "
+                 "structure and style of the example below: {description}"),
+        # The paper's wording asking for a different item, through the chat template.
+        "paper_different": PromptTemplate(
+            text="Please generate new sentences that describe {domain}. The sentences should follow the exact "
+                 "structure and style of the example below, but describe a different, unusual item: {description}"),
+        "contrast": PromptTemplate(
+            text="Here is a description of a normal item: {description} Write one new sentence in the same style "
+                 "that describes a different kind of item, not a {normal}."),
+    }
+
+
 class DescriberSection(_Section):
     backend: Literal["transformers", "vllm"] = "transformers"
     model: str = "smollm2-135m-instruct"  # name in the model cache, a local dir, or a hub id
-    template: str = "paper"
-    templates: dict[str, str] = Field(
-        default_factory=lambda: {
-            "paper": (
-                "Please generate new sentences that describe {domain}. The sentences should "
-                "follow the exact structure and style of the example below, but describe a "
-                "different, unusual item: {description}"
-            ),
-            "contrast": (
-                "Here is a description of a normal item: {description} Write one new sentence "
-                "in the same style that describes a different kind of item."
-            ),
-        }
-    )
+    template: str = "list"
+    templates: dict[str, PromptTemplate] = Field(default_factory=_default_templates)
+
+    @field_validator("templates", mode="before")
+    @classmethod
+    def _plain_text_templates(cls, v: Any) -> Any:
+        # a bare string is a chat template's text
+        if isinstance(v, dict):
+            return {k: ({"text": t} if isinstance(t, str) else t) for k, t in v.items()}
+        return v
+
     answer_prefix: str = "a photo of a"
     num_prompts: int = Field(16, ge=1)
     samples_per_prompt: int = Field(4, ge=1)
-    max_new_tokens: int = Field(40, ge=1)
+    max_new_tokens: int = Field(24, ge=1)  # a description is one short line (about 8-15 tokens)
     temperature: float = Field(0.9, gt=0)
     top_p: float = Field(0.95, gt=0, le=1)
     batch_size: int = Field(64, ge=1)
@@ -177,20 +216,55 @@ class DrawerSection(_Section):
     resources: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=1, torch_threads=2))
 
 
+class GuardSection(_Section):
+    """The normal-likeness guard (kka_ray/guard.py): generated items that are really the normal
+    class never enter the anomaly set. Each rule is calibrated on held-out normals."""
+
+    enabled: bool = True
+    # text: the description names a normal class, a known synonym, one of normal_terms, or a word
+    # in at least caption_term_share of the normal captions (template and domain words excluded)
+    names_normal: bool = True
+    normal_terms: list[str] = Field(default_factory=list, description="more words that name the normal class")
+    caption_term_share: float = Field(0.3, ge=0, le=1, description="0 turns caption-word mining off")
+    # text: all-MiniLM-L6-v2 similarity to the normal captions >= this quantile of held-out captions'
+    text_similarity: bool = True
+    text_quantile: float = Field(0.5, gt=0, lt=1)
+    text_encoder: str = "all-minilm-l6-v2"
+    # image: Eq. 1 Mahalanobis score below this quantile of the held-out normals' scores
+    image_similarity: bool = True
+    image_quantile: float = Field(0.75, gt=0, lt=1)
+
+
+class AuditSection(_Section):
+    """The audit of every generated set (kka_ray/audit/): an independent judge trained on the
+    dataset's real training images labels the generated images. Nothing in the loop reads it."""
+
+    enabled: bool = True
+    # auto: a small CNN for grey images (Fashion-MNIST), a logistic probe on backbone features for RGB
+    judge: Literal["auto", "cnn", "probe"] = "auto"
+    judge_epochs: int = Field(3, ge=1, description="CNN epochs")
+    judge_per_class: int | None = Field(None, ge=1, description="training images per class; None: all (CNN), 500 (probe)")
+    judge_seed: int = 0
+
+
 class DeepSADSection(_Section):
     network: Literal["mlp", "cnn"] = "mlp"
     input: Literal["features", "pixels"] = "features"
-    # On L2-normalised, standardised EfficientNet-Lite0 features (Fashion-MNIST one-class,
-    # class 0, no anomalies) a bias-free linear map to 256-d scored 89.8 AUROC after 10 epochs
-    # at lr 1e-4; one hidden layer of 512 scored 87.0, and [256, 64] at lr 1e-3 fell from 81 to
-    # 66 as training went on. For pixel inputs (network: cnn) use the LeNet encoder instead.
+    # Chosen on validation data only (benchmarks/results/evaluator_schedule.json: held-out normals
+    # against generated anomalies the model was not trained on, ten Fashion-MNIST classes): a
+    # bias-free linear map to 256-d on the L2-normalised, standardised EfficientNet-Lite0 features,
+    # rescaled so training distances start at 1 (init_scale: unit), lr 3e-6, 20 epochs, eta 1000:
+    # 0.979 AUROC with anomalies in training. At PyTorch's scale (lr 1e-4, 10 epochs, eta 1) the
+    # anomalies' 1/d gradient vanishes and training on them changes nothing (0.934, as without);
+    # higher lrs or a hidden layer of 512 collapse towards the centre (0.69-0.95). For pixel inputs
+    # (network: cnn) use the LeNet encoder instead.
     hidden_dims: list[int] = Field(default_factory=list)
     rep_dim: int = Field(256, ge=1)
-    eta: float = Field(1.0, gt=0)
+    eta: float = Field(1000.0, gt=0)
     eps: float = Field(1e-6, gt=0)
     normal_label: Literal[0, 1] = 0
-    epochs: int = Field(10, ge=1)
-    lr: float = Field(1e-4, gt=0)
+    epochs: int = Field(20, ge=1)
+    lr: float = Field(3e-6, gt=0)
     weight_decay: float = Field(1e-6, ge=0)
     batch_size: int = Field(128, ge=1)
     lr_milestones: list[int] = Field(
@@ -198,15 +272,25 @@ class DeepSADSection(_Section):
     )
     pretrain_autoencoder: bool = False
     ae_epochs: int = Field(10, ge=1)
+    # "unit": after the centre pass phi's last layer is rescaled so the mean squared distance of the
+    # normal training rows is 1, where the anomalies' eta/(d+eps) term has a gradient that counts;
+    # "default": PyTorch's initialisation (distances in the hundreds on standardised features)
+    init_scale: Literal["default", "unit"] = "unit"
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
 
 
 class EvaluatorSection(DeepSADSection):
-    threshold: Literal["max", "quantile"] = "max"
+    # Eq. 6's tau: the quantile of the held-out normals' distances. The maximum (the released
+    # code's rule) made every generated item "hard" in every iteration of the default run: one
+    # outlying held-out normal sets it (benchmarks/results/evaluator_schedule.json: hard share of
+    # unseen anomalies 0.68-0.76 with the maximum, 0.12-0.32 at q = 0.95).
+    threshold: Literal["max", "quantile"] = "quantile"
     quantile: float = Field(0.95, gt=0, lt=1)
     easy_top_m: int | None = Field(None, ge=1)
+    # share of the anomaly set held out (with the held-out normals) to choose the checkpoint
+    validation_fraction: float = Field(0.2, ge=0, lt=1)
 
 
 DetectorName = Literal["sad", "ssd", "simplenet", "recontrast"]
@@ -327,12 +411,16 @@ class PreferenceSection(_Section):
     lora_r: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | str = Field(default_factory=lambda: ["q_proj", "v_proj"])
-    learning_rate: float = Field(5e-5, gt=0)
+    # Every linear layer of the attention and MLP blocks: on SmolLM2-135M with real pairs the loss fell
+    # from log 2 to 0.13 in 16 steps at lr 5e-4 (q, v only: 0.51; lr 5e-5 as the authors' code: 0.685
+    # after 8 steps, nothing learned).
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    learning_rate: float = Field(5e-4, gt=0)
     max_pairs: int = Field(32, ge=1)
-    max_steps: int = Field(8, ge=1)
+    max_steps: int = Field(10, ge=1)
     batch_size: int = Field(4, ge=1)
-    max_length: int = Field(256, ge=16)
+    max_length: int = Field(128, ge=16)
     gradient_checkpointing: bool = False
     # When the Eq. 6 threshold leaves no hard (or no easy) anomaly in an iteration, pair the
     # closest third against the farthest third instead, so DPO still moves the describer
@@ -341,9 +429,15 @@ class PreferenceSection(_Section):
     # "base": L_ref is the base LLM with the adapter off (method.md Eq. 7). "previous_adapter":
     # L_ref is the adapter this iteration starts from (TRL's default for a loaded adapter).
     reference: Literal["base", "previous_adapter"] = "base"
+    # The rows the normal-likeness guard dropped as normal-like are rejected completions too
+    # (ranked before every easy one): DPO learns to avoid writing the normal class.
+    reject_normal_like: bool = True
+    # The describer shift: held-out prompts the describer writes for (samples_per_prompt each, fixed
+    # seeds) before and after each update, scored by the evaluator and the judge; 0 turns it off.
+    shift_prompts: int = Field(8, ge=0)
     # DPO after the last iteration only yields an adapter for later use (no image is drawn with
     # it in this run); false skips that stage when only the detector's numbers matter.
-    final_iteration: bool = True
+    final_iteration: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     resources: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=1, torch_threads=2))
@@ -382,6 +476,8 @@ class KKAConfig(_Section):
     knowledge: KnowledgeSection = Field(default_factory=KnowledgeSection)
     describer: DescriberSection = Field(default_factory=DescriberSection)
     drawer: DrawerSection = Field(default_factory=DrawerSection)
+    guard: GuardSection = Field(default_factory=GuardSection)
+    audit: AuditSection = Field(default_factory=AuditSection)
     evaluator: EvaluatorSection = Field(default_factory=EvaluatorSection)
     preference: PreferenceSection = Field(default_factory=PreferenceSection)
     detector: DetectorSection = Field(default_factory=DetectorSection)
@@ -394,7 +490,7 @@ class KKAConfig(_Section):
         if v.template not in v.templates and "{description}" not in v.template:
             raise ValueError(
                 f"template {v.template!r} is neither a name in describer.templates "
-                f"({sorted(v.templates)}) nor a template text containing '{{description}}'"
+                f"({sorted(v.templates)}) nor a chat template text containing '{{description}}'"
             )
         return v
 

@@ -4,7 +4,11 @@
     baselines   SSD and Deep SAD without generated anomalies, scored once on the test split
     for k in 1..iterations:
       generate    Eq. 3/8 + Eq. 4 through Ray Data with the resident describer/drawer pools
+      guard       backbone features of the new images; the normal-likeness guard drops (and keeps
+                  in the store, with the reason) descriptions and images of the normal class
       evaluate    Eq. 5 Deep SAD confusion evaluator (Ray Train) on D_n + D_a + new; Eq. 6 split
+      audit       an independent judge labels what was kept, hard, easy and dropped (read by
+                  nothing in the loop)
       update      D_a <- add | rep (method.md step 9)
       detect      the detector (Deep SAD as SAD) on D_n + D_a, AUROC on the test split
       preference  Eq. 7 pairs -> DPO with LoRA (a Ray task) -> adapter k -> resident describer
@@ -30,14 +34,14 @@ import numpy as np
 
 from kka_ray.config import ConfigError, KKAConfig, load_config
 from kka_ray.data.store import (
-    AnomalyStore, Member, save_anomaly_set, update_anomaly_set, write_json_atomic,
+    AnomalyStore, Member, kept_mask, save_anomaly_set, update_anomaly_set, write_json_atomic,
 )
 from kka_ray.evaluation.inputs import RunInputs
 from kka_ray.metrics import resource_seconds
 
 logger = logging.getLogger(__name__)
 
-ITERATION_STAGES = ("generate", "evaluate", "update", "detect", "preference")
+ITERATION_STAGES = ("generate", "guard", "evaluate", "audit", "update", "detect", "preference")
 
 
 def relative_hardness(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -120,6 +124,7 @@ class KKARun:
         self.store = AnomalyStore(self.dir / "anomalies")
         self.pools = None
         self._inputs: RunInputs | None = None
+        self._guard_cache = None
         # called with a stage's name once it is recorded (kka_ray/storage.py uploads the run there)
         self.on_stage_done = None
 
@@ -256,7 +261,7 @@ class KKARun:
 
         from kka_ray.knowledge.features import FeatureNormalizer, extractor_for
         from kka_ray.knowledge.mahalanobis import MahalanobisScorer
-        from kka_ray.knowledge.prompts import build_prompts, resolve_template
+        from kka_ray.knowledge.prompts import build_prompts, normal_concept, resolve_template
         from kka_ray.knowledge.selection import select_representatives
 
         cfg, split = self.cfg, self.split
@@ -267,7 +272,8 @@ class KKARun:
         scorer = MahalanobisScorer(cfg.knowledge.n_clusters, cfg.knowledge.covariance, seed=cfg.run.seed).fit(feats["train"])
         scores = scorer.score(feats["train"])
         reps = select_representatives(scores, scorer.labels_, split.train.captions, cfg.knowledge.n_representatives)
-        prompts = build_prompts(resolve_template(cfg.describer), split.domain, reps, cfg.describer.num_prompts, cfg.run.seed)
+        prompts = build_prompts(resolve_template(cfg.describer).text, split.domain, reps, cfg.describer.num_prompts,
+                                cfg.run.seed, normal=normal_concept(split.normal_class_names))
         out = self.dir / "prep"
         out.mkdir(parents=True, exist_ok=True)
         save_file({k: np.ascontiguousarray(v) for k, v in feats.items()}, str(out / "features.safetensors"))
@@ -290,19 +296,6 @@ class KKARun:
         write_json_atomic(out, self.dir / "baselines.json")
         return out
 
-    def _train_deep_sad(self, section, normals: np.ndarray, anomalies: np.ndarray | None, name: str):
-        from kka_ray.training.trainer import train_deep_sad
-
-        import shutil
-
-        shutil.rmtree(self.dir / "ray_train" / name, ignore_errors=True)  # a killed stage restarts clean
-        x = normals if anomalies is None or len(anomalies) == 0 else np.concatenate([normals, anomalies])
-        labels = np.full(len(normals), section.normal_label, dtype=np.int64)
-        if anomalies is not None and len(anomalies):
-            labels = np.concatenate([labels, np.full(len(anomalies), -1, dtype=np.int64)])
-        return train_deep_sad(x.astype(np.float32), labels, section, storage_path=str(self.dir / "ray_train"),
-                              name=name, seed=self.cfg.run.seed)
-
     def _prompts(self) -> list[dict[str, Any]]:
         return json.loads((self.dir / "prep" / "prompts.json").read_text())
 
@@ -313,8 +306,9 @@ class KKARun:
         result = run_generation(self.cfg, pools, self._prompts(), k, self.name, self.dir / "generated" / f"iter_{k}")
         return {**result, "adapter_version": int(self.state.data.get("adapter_version", 0))}
 
-    def _anomaly_features(self, table) -> np.ndarray:
-        """Backbone features of PNG images in ``table`` through a Ray Data actor pool."""
+    def _anomaly_features(self, table) -> tuple[np.ndarray, np.ndarray]:
+        """Backbone features of PNG images in ``table`` through a Ray Data actor pool, and which
+        rows decoded (an undecodable image gets zeros and ``False``)."""
         import ray
         from ray.data import ActorPoolStrategy
 
@@ -333,53 +327,142 @@ class KKARun:
         rows = ds.select_columns(["id", "features"]).take_all()
         by_id = {r["id"]: np.asarray(r["features"], dtype=np.float32) for r in rows}
         ids = table.column("id").to_pylist()
-        missing = [i for i in ids if i not in by_id]
-        if missing:
-            raise RuntimeError(f"{len(missing)} generated images could not be decoded, e.g. {missing[0]}")
-        return np.stack([by_id[i] for i in ids]) if ids else np.zeros((0, 1), np.float32)
+        dim = self.features()["train"].shape[1]
+        decoded = np.array([i in by_id for i in ids], dtype=bool)
+        if not decoded.all():
+            logger.warning("%d generated images could not be decoded (e.g. %s): dropped as undecodable",
+                           int((~decoded).sum()), ids[int(np.argmin(decoded))])
+        feats = np.stack([by_id.get(i, np.zeros(dim, np.float32)) for i in ids]) if ids else np.zeros((0, dim), np.float32)
+        return feats, decoded
 
-    def evaluate(self, k: int) -> dict[str, Any]:
-        """Eq. 5: Deep SAD on D_n + D_a + the new anomalies; Eq. 6: hard/easy split of the new ones."""
+    def _guard(self):
+        """The run's normal-likeness guard and text encoder, calibrated once per process."""
+        if self._guard_cache is None:
+            from kka_ray.guard import guard_for_run
+
+            self._guard_cache = guard_for_run(self.cfg, self.split, self.features())
+        return self._guard_cache
+
+    def _screen(self, new) -> tuple[Any, dict[str, Any]]:
+        """Backbone features and the guard's verdict for generated rows: the rows with the store's
+        columns (distance NaN, not hard) and a summary (kept, drops by reason, thresholds)."""
         import pyarrow as pa
 
-        from kka_ray.confusion import distance_threshold, hard_fraction, split_hard_easy
+        from kka_ray.guard import UNDECODABLE
+
+        new = new.sort_by("id")
+        raw, decoded = self._anomaly_features(new)
+        z = self.normalizer().transform(raw).astype(np.float32)
+        texts = new.column("text").to_pylist()
+        n = new.num_rows
+        reasons: list[str | None] = [None] * n
+        t_scores = i_scores = np.full(n, np.nan)
+        thresholds: dict[str, Any] = {}
+        calibration: dict[str, Any] = {}
+        if self.cfg.guard.enabled:
+            guard, embed = self._guard()
+            verdicts = guard.screen(texts, embed(texts) if guard.text_rule is not None else None, guard.image_scores(z))
+            reasons, t_scores, i_scores = list(verdicts.reasons), verdicts.text_scores, verdicts.image_scores
+            thresholds, calibration = verdicts.thresholds, guard.calibration()
+        reasons = [UNDECODABLE if not ok else r for r, ok in zip(reasons, decoded)]
+        table = new.append_column("distance", pa.array(np.full(n, np.nan), pa.float64()))
+        table = table.append_column("is_hard", pa.array(np.zeros(n, bool), pa.bool_()))
+        table = table.append_column("features", pa.array(list(raw.astype(np.float32)), pa.list_(pa.float32())))
+        table = table.append_column("guard_reason", pa.array(reasons, pa.string()))
+        table = table.append_column("normal_score", pa.array(np.asarray(i_scores, np.float64), pa.float64()))
+        table = table.append_column("text_similarity", pa.array(np.asarray(t_scores, np.float64), pa.float64()))
+        drops: dict[str, int] = {}
+        for r in reasons:
+            if r is not None:
+                drops[r] = drops.get(r, 0) + 1
+        n_kept = sum(r is None for r in reasons)
+        return table, {"n_in": n, "n_kept": n_kept, "kept_fraction": n_kept / n if n else 0.0, "drops": drops,
+                       "thresholds": thresholds, "heldout_quantiles": calibration, "enabled": self.cfg.guard.enabled}
+
+    def guard(self, k: int) -> dict[str, Any]:
+        """Features of the new images; the normal-likeness guard's verdict on every new item."""
         from kka_ray.generation.pipeline import read_generated
 
-        cfg, f = self.cfg, self.features()
         new = read_generated(self.dir / "generated" / f"iter_{k}")
+        if new is None or new.num_rows == 0:
+            return {"n_in": 0, "n_kept": 0, "drops": {}, "enabled": self.cfg.guard.enabled}
+        table, summary = self._screen(new)
+        self.store.write(k, table)
+        logger.info("iteration %d guard: kept %d of %d, dropped %s", k, summary["n_kept"], summary["n_in"], summary["drops"])
+        return summary
+
+    def evaluate(self, k: int) -> dict[str, Any]:
+        """Eq. 5: the confusion evaluator on D_n + D_a (the set before this iteration); Eq. 6: hard/easy
+        split of the new anomalies the guard kept, which the evaluator has not been trained on."""
+        import pyarrow as pa
+
+        from kka_ray.evaluation.inputs import split_members
+        from kka_ray.evaluator import ConfusionEvaluator, hard_fraction, split_hard_easy
+
+        cfg, f = self.cfg, self.features()
+        table = self.store.read([k]) if self.store.path(k).is_file() else None
         prev = self.inputs().members(k - 1)
-        n_new = 0 if new is None else new.num_rows
+        kept = np.zeros(0, bool) if table is None else kept_mask(table)
+        n_new = int(kept.sum())
         if n_new:
-            new = new.sort_by("id")
-            raw = self._anomaly_features(new)
+            raw = np.stack([np.asarray(v, np.float32) for v in table.filter(kept).column("features").to_pylist()])
             z_new = self.normalizer().transform(raw).astype(np.float32)
         else:
-            raw = z_new = np.zeros((0, f["train"].shape[1]), np.float32)
-        z_prev = self.inputs().anomalies(prev, "features")
-        anomalies = np.concatenate([z_prev, z_new])
-        state = self._train_deep_sad(cfg.evaluator, f["train"], anomalies, f"evaluator_iter_{k}")
-        state.save(self.dir / "evaluator" / f"iter_{k}")
-        tau = distance_threshold(state.score(f["holdout"]), cfg.evaluator.threshold, cfg.evaluator.quantile)
-        d_prev = state.score(z_prev) if len(z_prev) else np.zeros(0)
-        d_new = state.score(z_new) if n_new else np.zeros(0)
-        is_hard, is_easy = split_hard_easy(d_new, tau, cfg.evaluator.easy_top_m)
-        prev_hard, _ = split_hard_easy(d_prev, tau, None)
-        if n_new:
-            table = new.append_column("distance", pa.array(d_new, pa.float64()))
-            table = table.append_column("is_hard", pa.array(is_hard, pa.bool_()))
-            table = table.append_column("features", pa.array(list(raw.astype(np.float32)), pa.list_(pa.float32())))
+            z_new = np.zeros((0, f["train"].shape[1]), np.float32)
+        prev_train, prev_val = split_members(prev, cfg.evaluator.validation_fraction)
+        inputs = self.inputs()
+        evaluator = ConfusionEvaluator(cfg.evaluator, seed=self.cfg.run.seed).fit(
+            f["train"], inputs.anomalies(prev_train, "features"), f["holdout"],
+            val_anomalies=inputs.anomalies(prev_val, "features"), storage_path=self.dir / "ray_train",
+            name=f"evaluator_iter_{k}")
+        evaluator.save(self.dir / "evaluator" / f"iter_{k}")
+        z_prev = inputs.anomalies(prev, "features")
+        d_prev, d_new = evaluator.score(z_prev), evaluator.score(z_new)
+        is_hard, is_easy = evaluator.split(d_new)
+        prev_hard, _ = split_hard_easy(d_prev, evaluator.tau_, None)
+        easy_ids: list[str] = []
+        if table is not None:
+            distance = np.full(table.num_rows, np.nan)
+            hard = np.zeros(table.num_rows, bool)
+            distance[kept], hard[kept] = d_new, is_hard
+            table = table.set_column(table.schema.get_field_index("distance"), "distance", pa.array(distance, pa.float64()))
+            table = table.set_column(table.schema.get_field_index("is_hard"), "is_hard", pa.array(hard, pa.bool_()))
             self.store.write(k, table)
-        easy_ids = [i for i, e in zip(new.column("id").to_pylist(), is_easy) if e] if n_new else []
+            kept_ids = table.filter(kept).column("id").to_pylist()
+            easy_ids = [i for i, e in zip(kept_ids, is_easy) if e]
         rescored = [Member(m.id, float(d), bool(h)) for m, d, h in zip(prev, d_prev, prev_hard)]
         write_json_atomic({"easy_ids": easy_ids, "previous": [m.__dict__ for m in rescored]},
                           self.dir / "evaluator" / f"iter_{k}" / "split.json")
-        return {"tau": float(tau), "n_new": n_new, "n_hard": int(is_hard.sum()), "n_easy": int(is_easy.sum()),
-                "hard_fraction": hard_fraction(is_hard), "evaluator_final_loss": state.history[-1] if state.history else None}
+        history = evaluator.state_.history
+        # the same anomalies against the fixed reference of iteration 1's (one-class) evaluator: what the
+        # describer's shift alone did, apart from this evaluator having learned the earlier anomalies
+        ref_hard = hard_fraction(is_hard)
+        if k > 1 and n_new and (self.dir / "evaluator" / "iter_1" / ConfusionEvaluator.SPLIT_FILE).is_file():
+            ref = ConfusionEvaluator.load(self.dir / "evaluator" / "iter_1", cfg.evaluator)
+            ref_hard = hard_fraction(ref.split(ref.score(z_new))[0])
+        return {"tau": float(evaluator.tau_), "threshold": cfg.evaluator.threshold, "n_new": n_new,
+                "hard_fraction_ref": ref_hard,
+                "n_hard": int(is_hard.sum()), "n_easy": int(is_easy.sum()), "hard_fraction": hard_fraction(is_hard),
+                "n_trained_anomalies": len(prev_train), "n_val_anomalies": len(prev_val),
+                # separation of held-out normals from generated anomalies: its validation ones, and the new
+                # ones it has not been trained on
+                "evaluator_val_auroc": evaluator.val_auroc_, "evaluator_new_auroc": evaluator.auroc(z_new) if n_new else None,
+                "evaluator_final_loss": history[-1] if history else None}
+
+    def audit(self, k: int) -> dict[str, Any]:
+        """The judge's and the text audit's figures of iteration k (read by nothing in the loop)."""
+        from kka_ray.audit.stage import audit_iteration
+
+        if not self.cfg.audit.enabled:
+            return {"enabled": False}
+        result = audit_iteration(self.cfg, self.split, self.store, k)
+        write_json_atomic(result, self.dir / "audit" / f"iter_{k}.json")
+        return {"enabled": True, **{key: v for key, v in result.items() if key != "items"}}
 
     def update(self, k: int) -> dict[str, Any]:
         split = json.loads((self.dir / "evaluator" / f"iter_{k}" / "split.json").read_text())
         previous = [Member(**m) for m in split["previous"]]
-        new_table = self.store.read([k], columns=["id", "distance", "is_hard"]) if self.store.path(k).is_file() else None
+        new_table = self.store.read_kept([k], columns=["id", "distance", "is_hard"]) if self.store.path(k).is_file() else None
         new = [] if new_table is None else [
             Member(i, float(d), bool(h)) for i, d, h in zip(*(new_table.column(c).to_pylist() for c in ("id", "distance", "is_hard")))
         ]
@@ -400,33 +483,50 @@ class KKARun:
         return {"detector": name, **{key: v for key, v in result.items() if key != "fit_info"},
                 "selected_epoch": result["fit_info"].get("selected_epoch")}
 
+    def _preference_records(self, k: int) -> tuple[list[dict[str, Any]], Any]:
+        """Eq. 6 -> Eq. 7 inputs: hard kept rows (chosen side), easy kept rows and, with
+        ``preference.reject_normal_like``, the rows the guard dropped as normal-like (rejected side,
+        ranked before every easy one); and the kept rows for the relative fallback."""
+        easy = set(json.loads((self.dir / "evaluator" / f"iter_{k}" / "split.json").read_text())["easy_ids"])
+        if not self.store.path(k).is_file():
+            return [], None
+        cols = ["id", "prompt_id", "prompt", "text", "distance", "is_hard", "guard_reason"]
+        rows = self.store.read([k], columns=cols).to_pylist()
+        records = [r for r in rows if not r["guard_reason"] and (r["is_hard"] or r["id"] in easy)]
+        if self.cfg.preference.reject_normal_like:
+            from kka_ray.guard import GUARD_REASONS
+
+            records += [{**r, "distance": float("inf"), "is_hard": False} for r in rows if r["guard_reason"] in GUARD_REASONS]
+        kept = [r for r in rows if not r["guard_reason"]]
+        return records, kept
+
     def preference(self, k: int) -> dict[str, Any]:
-        """Eq. 7: DPO pairs from this iteration's hard/easy split -> LoRA adapter k."""
+        """Eq. 7: DPO pairs from this iteration's hard/easy split -> LoRA adapter k; the describer
+        shift it caused, measured on fixed held-out prompts and seeds."""
         import ray
 
         from kka_ray.generation.pipeline import role_options
         from kka_ray.generation.text import resolve_model_path
+        from kka_ray.knowledge.prompts import resolve_template
         from kka_ray.preference.dpo import dpo_remote_entry
         from kka_ray.preference.pairs import build_pairs
 
         cfg = self.cfg
         if k == cfg.run.iterations and not cfg.preference.final_iteration:
             return {"n_pairs": 0, "skipped": True, "reason": "preference.final_iteration is false"}
-        table = self.store.read([k], columns=["id", "prompt_id", "prompt", "text", "distance", "is_hard"]) \
-            if self.store.path(k).is_file() else None
-        easy = set(json.loads((self.dir / "evaluator" / f"iter_{k}" / "split.json").read_text())["easy_ids"])
-        records = [] if table is None else [r for r in table.to_pylist() if r["is_hard"] or r["id"] in easy]
+        records, kept = self._preference_records(k)
         pairs = build_pairs(records, cfg.preference.max_pairs, cfg.run.seed + k, answer_prefix=cfg.describer.answer_prefix)
         relative = False
-        if not pairs and cfg.preference.relative_fallback and table is not None and table.num_rows >= 2:
-            records = relative_hardness(table.to_pylist())
-            pairs = build_pairs(records, cfg.preference.max_pairs, cfg.run.seed + k, answer_prefix=cfg.describer.answer_prefix)
+        if not pairs and cfg.preference.relative_fallback and kept is not None and len(kept) >= 2:
+            pairs = build_pairs(relative_hardness(kept), cfg.preference.max_pairs, cfg.run.seed + k,
+                                answer_prefix=cfg.describer.answer_prefix)
             relative = bool(pairs)
             logger.warning("iteration %d: the threshold split gave no hard/easy pairs; using %d relative pairs", k, len(pairs))
         if not pairs:
             logger.warning("iteration %d: no hard/easy pairs (hard %d of %d): DPO skipped, the adapter stays",
-                           k, sum(r["is_hard"] for r in records), len(records))
+                           k, sum(bool(r["is_hard"]) for r in records), len(records))
             return {"n_pairs": 0, "skipped": True}
+        shift_before = self._shift_set(k - 1) if cfg.preference.shift_prompts else None
         out = self.dir / "adapters" / f"iter_{k}"
         base = resolve_model_path(cfg.describer.model, str(cfg.paths.cache_dir()))
         task = ray.remote(dpo_remote_entry).options(**role_options(cfg.preference.resources), max_retries=0)
@@ -435,28 +535,109 @@ class KKARun:
         metrics = ray.get(task.remote(
             base_model=base, pairs=pairs, out_dir=str(out), cfg=cfg.preference,
             prev_adapter=self.state.data.get("adapter_path"), answer_prefix=cfg.describer.answer_prefix,
-            seed=cfg.run.seed + k, device=resolve_device(cfg.run.device),
+            seed=cfg.run.seed + k, device=resolve_device(cfg.run.device), chat=resolve_template(cfg.describer).chat,
         ))
         if self.pools is not None:  # else the next ensure_pools() loads it from the state
             self.pools.load_adapter(str(out), k)
         self.state.data.update(adapter_path=str(out), adapter_version=k)
-        return {"n_pairs": len(pairs), "relative_pairs": relative,
-                "n_same_prompt": int(sum(p.same_prompt for p in pairs)), **metrics}
+        result = {"n_pairs": len(pairs), "relative_pairs": relative,
+                  "n_same_prompt": int(sum(p.same_prompt for p in pairs)),
+                  "n_rejected_normal_like": int(sum(p.rejected_distance == float("inf") for p in pairs)), **metrics}
+        if shift_before is not None:
+            result["describer_shift"] = self._describer_shift(k, shift_before, self._shift_set(k))
+        return result
+
+    def _shift_set(self, version: int):
+        """The describer's outputs for the fixed held-out prompts and seeds with adapter ``version``,
+        drawn and screened (cached in ``shift/v<version>.parquet``); the pools must hold that version."""
+        import pyarrow.parquet as pq
+
+        from kka_ray.data.store import write_table_atomic
+        from kka_ray.generation.pipeline import read_generated, run_generation
+        from kka_ray.preference.shift import shift_prompts
+
+        path = self.dir / "shift" / f"v{version}.parquet"
+        if path.is_file():
+            return pq.read_table(path)
+        pools = self.ensure_pools()
+        if pools.adapter_version() != version:
+            raise RuntimeError(f"the describer holds adapter v{pools.adapter_version()}, not v{version}")
+        gen_dir = self.dir / "shift" / f"v{version}_generated"
+        run_generation(self.cfg, pools, shift_prompts(self.cfg, self.split), 0, f"{self.name}-shift", gen_dir)
+        new = read_generated(gen_dir)
+        if new is None:
+            return None
+        table, _ = self._screen(new)
+        write_table_atomic(table, path)
+        import shutil
+
+        shutil.rmtree(gen_dir, ignore_errors=True)
+        return pq.read_table(path)
+
+    def _describer_shift(self, k: int, before, after) -> dict[str, Any]:
+        """``describer_shift`` of update k: both sides scored by iteration k's evaluator and the judge."""
+        from kka_ray.data.store import kept_mask
+        from kka_ray.evaluation.inputs import decode_like
+        from kka_ray.evaluator import ConfusionEvaluator
+        from kka_ray.guard import NormalTermMatcher, normal_terms
+        from kka_ray.data.protocols import dataset_key
+        from kka_ray.preference.shift import changed_share, shift_figures
+
+        cfg = self.cfg
+        n_samples = cfg.preference.shift_prompts * cfg.describer.samples_per_prompt
+        evaluator = ConfusionEvaluator.load(self.dir / "evaluator" / f"iter_{k}", cfg.evaluator)
+        judge = None
+        if cfg.audit.enabled:
+            from kka_ray.audit.stage import _judge
+
+            judge = _judge(cfg)
+        matcher = NormalTermMatcher(normal_terms(self.split.normal_class_names, dataset_key(cfg.data), cfg.guard.normal_terms))
+        shape = self.split.train.images.shape[1:]
+        sides = {}
+        for name, table in (("before", before), ("after", after)):
+            if table is None or table.num_rows == 0:
+                sides[name] = {"n_samples": n_samples, "n_drawn": 0, "n_kept": 0, "kept_share": 0.0, "hard_per_sample": 0.0}
+                continue
+            kept_rows = table.filter(kept_mask(table))
+            distances, judged = np.zeros(0), (np.zeros(0, np.int64) if judge else None)
+            if kept_rows.num_rows:
+                raw = np.stack([np.asarray(v, np.float32) for v in kept_rows.column("features").to_pylist()])
+                distances = evaluator.score(self.normalizer().transform(raw).astype(np.float32))
+                if judge is not None:
+                    judged = judge.predict(np.stack([decode_like(b, shape) for b in kept_rows.column("image").to_pylist()]))
+            normal = [judge.class_names.index(n) for n in self.split.normal_class_names] if judge else []
+            sides[name] = shift_figures(table, n_samples, distances, evaluator.tau_, judged, normal,
+                                        judge.class_names if judge else [], matcher)
+        sides["changed_texts"] = changed_share(before, after, n_samples)
+        return sides
 
     # ------------------------------------------------------------------ metrics
     def metrics_row(self, k: int) -> dict[str, Any]:
-        g, e, u, d, p = (self.stage_result(f"iter{k}.{s}") for s in ITERATION_STAGES)
+        r = {s: self.stage_result(f"iter{k}.{s}") for s in ITERATION_STAGES}
+        g, gd, e, a, u, d, p = (r[s] for s in ITERATION_STAGES)
+        kept_audit = a.get("kept") or {}
         row = {
             "iteration": k, "mode": self.cfg.run.mode,
             "n_generated": g.get("n_generated", 0), "n_described": g.get("n_described", 0),
-            "n_kept": g.get("n_kept", 0), "describer_drops": g.get("describer_drops", {}),
-            "drawer_drops": g.get("drawer_drops", {}),
+            "n_drawn": g.get("n_kept", 0), "n_kept": gd.get("n_kept", g.get("n_kept", 0)),
+            "describer_drops": g.get("describer_drops", {}), "drawer_drops": g.get("drawer_drops", {}),
+            "guard_drops": gd.get("drops", {}), "guard_thresholds": gd.get("thresholds", {}),
             "n_hard": e.get("n_hard", 0), "n_easy": e.get("n_easy", 0), "hard_fraction": e.get("hard_fraction", 0.0),
+            "hard_fraction_ref": e.get("hard_fraction_ref"),
             "tau": e.get("tau"), "n_anomalies": u.get("n_anomalies", 0),
+            # the audit (an independent judge; nothing in the loop reads it)
+            "normal_leak": kept_audit.get("normal_leak"), "coverage": kept_audit.get("coverage"),
+            "judged_kept": kept_audit.get("histogram"), "judged_hard": (a.get("hard") or {}).get("histogram"),
+            "judged_easy": (a.get("easy") or {}).get("histogram"),
+            "judge_false_normal_rate": a.get("judge_false_normal_rate"),
+            "names_normal_share": (a.get("text") or {}).get("names_normal_share"),
             "auroc": d.get("auroc"), "aupr": d.get("aupr"), "fpr95": d.get("fpr95"),
+            "evaluator_val_auroc": e.get("evaluator_val_auroc"), "evaluator_new_auroc": e.get("evaluator_new_auroc"),
             "n_pairs": p.get("n_pairs", 0), "relative_pairs": p.get("relative_pairs", False), "dpo_loss": p.get("train_loss"),
+            "dpo_last_loss": p.get("last_loss"), "dpo_reward_accuracy": p.get("rewards/accuracies"),
+            "dpo_reward_margin": p.get("rewards/margins"), "describer_shift": p.get("describer_shift"),
             "adapter_version": g.get("adapter_version", 0),
-            "stage_seconds": {s: r.get("wall_seconds") for s, r in zip(ITERATION_STAGES, (g, e, u, d, p))},
+            "stage_seconds": {s: r[s].get("wall_seconds") for s in ITERATION_STAGES},
         }
         row["resource_seconds"] = resource_seconds(self.cfg, row["stage_seconds"])
         # what one kept anomaly and one hard anomaly cost in CPU-seconds this iteration

@@ -46,6 +46,9 @@ def stage_resources(cfg: Any, stage: str) -> tuple[float, float]:
             return 1.0, 0.0
         return (sec.num_workers * sec.resources_per_worker.get("CPU", 1.0),
                 sec.num_workers * (sec.resources_per_worker.get("GPU", 1.0) if sec.use_gpu else 0.0))
+    if stage == "guard":  # the feature-extractor pool; the guard's rules run on the driver
+        k = cfg.knowledge.resources
+        return k.num_cpus * k.replicas, k.num_gpus * k.replicas
     if stage == "preference":
         return cfg.preference.resources.num_cpus, cfg.preference.resources.num_gpus
     return 1.0, 0.0  # driver-side stages (prep, update)

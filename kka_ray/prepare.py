@@ -6,6 +6,8 @@
 - The default drawer: the project's pixel-space text-to-image pipeline, assembled in diffusers
   format from the UNet shipped in ``kka_ray/assets`` (trained by ``kka prepare drawer``) and the
   MiniLM text encoder of the installed package.
+- The audit's judge for the default dataset: a small CNN trained on Fashion-MNIST's training
+  images (about 2 minutes on 2 CPU cores; skipped when the dataset is not installed).
 
 Every step is idempotent and writes through a temp directory, so an interrupted prepare is
 simply run again.
@@ -24,7 +26,8 @@ DEFAULT_DESCRIBER = "smollm2-135m-instruct"
 DEFAULT_DRAWER = "kka-pixel-drawer"
 
 
-def prepare_models(cache_dir: str | Path, which: tuple[str, ...] = ("describer", "backbone", "drawer")) -> dict[str, str]:
+def prepare_models(cache_dir: str | Path,
+                   which: tuple[str, ...] = ("describer", "backbone", "drawer", "judge")) -> dict[str, str]:
     """Prepare the local default models into ``cache_dir``; returns their paths."""
     cache = Path(cache_dir).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
@@ -41,6 +44,16 @@ def prepare_models(cache_dir: str | Path, which: tuple[str, ...] = ("describer",
         from kka_ray.generation.build_drawer import prepare_default_drawer
 
         out["drawer"] = str(prepare_default_drawer(cache))
+    if "judge" in which:
+        from kka_ray.audit.judge import load_or_train_judge
+        from kka_ray.config import KKAConfig
+
+        cfg = KKAConfig.model_validate({"paths": {"model_cache": str(cache)}})
+        try:
+            judge = load_or_train_judge(cfg)
+            out["judge"] = f"{judge.kind} for {cfg.data.dataset}, test accuracy {judge.test_accuracy:.4f}"
+        except FileNotFoundError as err:  # no Fashion-MNIST here: the first audit trains it instead
+            logger.warning("audit judge not prepared: %s", err)
     return out
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from kka_ray.config import DeepSADSection, EvaluatorSection
-from kka_ray.confusion import distance_threshold, hard_fraction, split_hard_easy
+from kka_ray.evaluator import distance_threshold, hard_fraction, split_hard_easy
 from kka_ray.detectors.deep_sad.loss import center_from_sums, deep_sad_loss
 from kka_ray.detectors.deep_sad.torch_model import (
     CNNAutoencoder,
@@ -261,3 +261,36 @@ def test_arrays_become_a_tensor_dataset_with_its_shape(ray_cluster):
     with pytest.raises(ValueError, match="semi_labels"):
         arrays_to_dataset(x, np.full(40, 2), num_workers=1)
 
+
+
+@pytest.mark.slow
+def test_confusion_evaluator_splits_unseen_anomalies_by_closeness(ray_cluster, tmp_path):
+    """The evaluator trains on normals + the anomaly set, then splits new anomalies it has not seen:
+    the ones that lie among the normals are hard, the far ones easy; a quantile threshold keeps the
+    split non-degenerate where the maximum of held-out normals would call everything hard."""
+    from kka_ray.evaluator import ConfusionEvaluator
+
+    rng = np.random.default_rng(1)
+    normal = rng.normal(size=(400, 16)).astype(np.float32)
+    heldout = rng.normal(size=(120, 16)).astype(np.float32)
+    heldout[0] += 12.0  # one outlying held-out normal
+    anomaly_set = (rng.normal(size=(40, 16)) + 3.0).astype(np.float32)  # D_a: far ones
+    val_anomalies = (rng.normal(size=(20, 16)) + 3.0).astype(np.float32)
+    close = (rng.normal(size=(30, 16)) * 0.9).astype(np.float32)  # new anomalies inside the normal region
+    far = (rng.normal(size=(30, 16)) + 3.0).astype(np.float32)
+    cfg = EvaluatorSection(hidden_dims=[32], rep_dim=8, epochs=15, batch_size=64, lr=3e-3, threshold="quantile", quantile=0.9)
+    ev = ConfusionEvaluator(cfg, seed=0).fit(normal, anomaly_set, heldout, val_anomalies=val_anomalies,
+                                             storage_path=tmp_path, name="ev")
+    d_close, d_far = ev.score(close), ev.score(far)
+    hard_close, _ = ev.split(d_close)
+    hard_far, easy_far = ev.split(d_far)
+    assert hard_close.mean() > 0.6 and hard_far.mean() < 0.2 and easy_far.mean() > 0.8
+    assert ev.val_auroc_ > 0.95 and ev.auroc(far) > 0.95 and ev.auroc(close) < 0.7
+    assert ev.tau_ == pytest.approx(np.quantile(ev.score(heldout), 0.9))
+    # the paper's rule: the one outlying normal sets tau, and the far anomalies turn hard too
+    assert ev.score(heldout).max() > np.quantile(d_far, 0.5)
+    # saved and loaded, it scores and splits the same
+    ev.save(tmp_path / "saved")
+    loaded = ConfusionEvaluator.load(tmp_path / "saved", cfg)
+    assert np.array_equal(loaded.score(far), d_far) and loaded.tau_ == ev.tau_
+    assert np.array_equal(loaded.split(d_close)[0], hard_close)

@@ -88,12 +88,26 @@ def test_parse_descriptions_drop_reasons():
     assert {"a photo of a blue umbrella", "a photo of a red shoe with wings", "a photo of a lamp"} <= seen
 
 
+def test_parse_descriptions_drops_what_describes_no_object():
+    raw = [
+        "a photo of a pair of",  # a fragment cut mid-phrase
+        "a photo of a shoe, a bag, and a hat.",  # a list of several items
+        "a photo of a product: the best one.",  # commentary
+        "Here are more captions of fashion products",  # commentary about the task
+        "a photo of a red sneaker with white laces.",  # kept
+        "a photo of a dress, a long one.",  # kept: one continuation is not a list
+    ]
+    out, drops = parse_descriptions(raw, max_chars=200, answer_prefix=PREFIX)
+    assert out == [None, None, None, None, "a photo of a red sneaker with white laces.", "a photo of a dress, a long one."]
+    assert drops == Counter(not_a_description=4)
+
+
 def test_parse_descriptions_options():
     out, drops = parse_descriptions(["a photo of a dog. It barks."], max_chars=100, first_sentence_only=False)
     assert out == ["a photo of a dog. It barks."] and not drops
-    # "3.5" is not a sentence end; without a prefix "a photo of a" alone is text
-    out, _ = parse_descriptions(["a photo of a 3.5 inch bolt. More", "a photo of a"], max_chars=100)
-    assert out == ["a photo of a 3.5 inch bolt.", "a photo of a"]
+    # "3.5" is not a sentence end; "a photo of a" alone is a fragment, even without a prefix
+    out, drops = parse_descriptions(["a photo of a 3.5 inch bolt. More", "a photo of a"], max_chars=100)
+    assert out == ["a photo of a 3.5 inch bolt.", None] and drops == Counter(not_a_description=1)
     with pytest.raises(ValueError, match="max_chars"):
         parse_descriptions(["x"], max_chars=0)
 

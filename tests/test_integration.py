@@ -37,7 +37,12 @@ def test_two_iterations_fill_the_run_directory(finished_run):
         assert 0.0 <= r["auroc"] <= 1.0
         assert r["n_generated"] == 4 * 3  # prompts x samples per prompt
         assert r["n_kept"] <= r["n_generated"]
-        assert set(r["stage_seconds"]) == {"generate", "evaluate", "update", "detect", "preference"}
+        assert set(r["stage_seconds"]) == {"generate", "guard", "evaluate", "audit", "update", "detect", "preference"}
+        # the audit: the judge's figures of the kept set, beside its own false-normal rate
+        assert r["normal_leak"] is None or 0.0 <= r["normal_leak"] <= 1.0
+        assert 0 <= r["coverage"] <= 9 and 0.0 <= r["judge_false_normal_rate"] <= 1.0
+        assert sum((r["judged_kept"] or {}).values()) == r["n_kept"]
+        assert r["n_kept"] + sum(r["guard_drops"].values()) == r["n_drawn"]
         assert r["resource_seconds"]["cpu"] >= sum(r["stage_seconds"].values())  # every stage holds >= 1 CPU
         assert r["cpu_seconds_per_anomaly"] == pytest.approx(r["resource_seconds"]["cpu"] / r["n_kept"])
     # add: the set grows by what each iteration kept
@@ -51,14 +56,30 @@ def test_two_iterations_fill_the_run_directory(finished_run):
         table = pq.read_table(out / "anomalies" / f"iter_{k}.parquet")
         for col in ("id", "iteration", "prompt", "text", "image", "adapter_version", "distance", "is_hard"):
             assert col in table.column_names
-        assert table.num_rows == rows[k - 1]["n_kept"]
+        assert table.num_rows == rows[k - 1]["n_drawn"]  # every drawn item, dropped ones with their reason
+        reasons = table.column("guard_reason").to_pylist()
+        assert sum(r is None for r in reasons) == rows[k - 1]["n_kept"]
+        distances = table.column("distance").to_pylist()
+        assert all((d == d) == (r is None) for d, r in zip(distances, reasons))  # only kept rows are scored
+        audit = json.loads((out / "audit" / f"iter_{k}.json").read_text())
+        assert set(audit["items"]) == set(table.column("id").to_pylist())
+        assert audit["kept"]["n"] + audit["dropped"]["n"] == table.num_rows
         assert set(table.column("iteration").to_pylist()) == {k}
         ids = table.column("id").to_pylist()
         assert len(set(ids)) == len(ids) and all(i.startswith(f"run/it{k}/") for i in ids)
         assert all(img[:8] == b"\x89PNG\r\n\x1a\n" for img in table.column("image").to_pylist())
         assert (out / "evaluator" / f"iter_{k}" / "model.safetensors").is_file()
         assert (out / "detector" / f"iter_{k}" / "model.safetensors").is_file()
-        assert (out / "adapters" / f"iter_{k}" / "adapter_model.safetensors").is_file()
+    # DPO after the last iteration is off by default (preference.final_iteration)
+    assert (out / "adapters" / "iter_1" / "adapter_model.safetensors").is_file() and not (out / "adapters" / "iter_2").exists()
+    # the describer shift of update 1: fixed held-out prompts before (v0) and after (v1), same seeds
+    shift = rows[0]["describer_shift"]
+    assert set(shift) == {"before", "after", "changed_texts"}
+    for side in ("before", "after"):
+        assert shift[side]["n_samples"] == 2 * 3 and shift[side]["n_kept"] <= shift[side]["n_drawn"] <= 6
+        assert 0.0 <= shift[side]["kept_share"] <= 1.0
+    assert (out / "shift" / "v0.parquet").is_file() and (out / "shift" / "v1.parquet").is_file()
+    assert rows[1]["describer_shift"] is None and 0.0 <= shift["changed_texts"] <= 1.0
     # iteration 2 was written by the adapter DPO produced in iteration 1
     assert set(pq.read_table(out / "anomalies" / "iter_2.parquet").column("adapter_version").to_pylist()) == {1}
     assert rows[1]["adapter_version"] == 1

@@ -205,12 +205,31 @@ def test_prompts_reject_template_without_description():
 
 def test_resolve_template_named_and_literal():
     cfg = DescriberSection()
-    assert resolve_template(cfg) == cfg.templates["paper"]
-    assert resolve_template(DescriberSection(template="contrast")) == cfg.templates["contrast"]
+    default = resolve_template(cfg)
+    assert default == cfg.templates["list"] and default.chat is False  # the few-shot list completion
+    paper = resolve_template(DescriberSection(template="paper"))
+    assert paper.chat is True and paper.text.startswith("Please generate new sentences that describe {domain}.")
     literal = "Write an odd item like {description}"
-    assert resolve_template(DescriberSection(template=literal)) == literal
+    assert resolve_template(DescriberSection(template=literal)).text == literal  # a literal text is a chat template
     with pytest.raises(ValueError, match="describer.template"):
         resolve_template(DescriberSection(template="nonexistent"))
+
+
+def test_templates_fill_the_normal_concept_and_parse_as_config():
+    from kka_ray.config import ConfigError, load_config
+    from kka_ray.knowledge.prompts import normal_concept
+
+    cfg = load_config(None, ["describer.template=list_not_normal"])
+    text = resolve_template(cfg.describer).text
+    prompts = build_prompts(text, "photos of clothing", _reps(), 2, seed=0, normal=normal_concept(["t-shirt/top"]))
+    assert "none of them a t-shirt/top" in prompts[0]["prompt"]
+    assert prompts[0]["prompt"].endswith("\n- ") and "{" not in prompts[0]["prompt"]
+    assert normal_concept(["aquarium_fish", "beach"]) == "aquarium fish or beach"
+    # a bare string in describer.templates is a chat template's text; one without {description} is refused
+    cfg = load_config(None, ["describer.templates={mine: 'Odd one like {description}'}", "describer.template=mine"])
+    assert cfg.describer.templates["mine"].chat is True
+    with pytest.raises(ConfigError, match="description"):
+        load_config(None, ["describer.templates={bad: 'no field'}"])
 
 
 # ---------------------------------------------------------------------------- real extractor

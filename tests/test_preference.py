@@ -311,3 +311,41 @@ def test_deepspeed_zero2_cpu_single_process_matches_plain_run(tiny_lm, tmp_path)
     assert ds_w.keys() == plain_w.keys()
     for k in ds_w:  # same seed, same data, same AdamW step: ZeRO-2 on one rank changes nothing
         torch.testing.assert_close(ds_w[k], plain_w[k], rtol=1e-4, atol=1e-6)
+
+
+def test_dpo_widens_the_chosen_rejected_margin_on_a_list_completion_prompt(tiny_lm, tmp_path):
+    """What DPO is for: after training, the policy prefers the hard (chosen) completions over the easy
+    and normal-like (rejected) ones by a wider log-probability margin than the base model does, on
+    the describer's exact completion-prompt text (no chat template)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kka_ray.generation.text import format_prompt
+    from kka_ray.preference import run_dpo
+
+    prompt = "Captions of photos of fashion products, a different kind of item on each line:\n- a photo of a t-shirt.\n- "
+    rows = [_row(i, f"{PFX} {w}", d, h, prompt=prompt) for i, (w, d, h) in enumerate([
+        ("shirt with buttons.", 0.1, True), ("hooded pullover.", 0.2, True), ("long coat.", 0.3, True),
+        ("pair of sneakers.", 9.0, False), ("leather bag.", 8.0, False), ("sandal.", 7.0, False)])]
+    rows.append({**_row(9, f"{PFX} t-shirt.", float("inf"), False, prompt=prompt)})  # normal-like: rejected first
+    pairs = build_pairs(rows, max_pairs=8, seed=0, answer_prefix=PFX)
+    assert len(pairs) == 3 and pairs[0].rejected == " t-shirt." and pairs[0].rejected_distance == math.inf
+    out = tmp_path / "adapter"
+    m = run_dpo(tiny_lm, pairs, str(out), _cfg(max_steps=12, batch_size=3, learning_rate=2e-2), answer_prefix=PFX,
+                seed=0, chat=False)
+    assert m["last_loss"] < 0.6 < m["first_loss"]  # log 2 at step 1, learned by the last
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    text = format_prompt(tok, prompt, PFX, chat=False)
+    assert text == prompt + PFX
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), str(out)).eval()
+
+    def margin():
+        return sum(_completion_logp(model, tok, text, p.chosen) - _completion_logp(model, tok, text, p.rejected)
+                   for p in pairs) / len(pairs)
+
+    after = margin()
+    with model.disable_adapter():
+        before = margin()
+    assert after - before > 1.0, (before, after)
+    torch.set_num_threads(1)

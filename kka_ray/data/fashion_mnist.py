@@ -27,6 +27,20 @@ CLASS_NAMES = [
     "t-shirt/top", "trouser", "pullover", "dress", "coat",
     "sandal", "shirt", "sneaker", "bag", "ankle boot",
 ]  # fmt: skip
+# Synonyms per class (the loader's class names, in label order): the drawer learns them all
+# (generation/train_drawer.py) and the normal-likeness guard treats them as naming the class.
+CLASS_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "t-shirt/top": ("t-shirt", "t-shirt/top", "top", "tee", "tee shirt", "short-sleeved top", "tank top"),
+    "trouser": ("trouser", "pair of trousers", "pair of pants", "pair of jeans", "pair of slacks", "pair of leggings"),
+    "pullover": ("pullover", "sweater", "jumper", "sweatshirt", "knit sweater", "cardigan"),
+    "dress": ("dress", "summer dress", "gown", "sundress", "frock", "party dress"),
+    "coat": ("coat", "jacket", "overcoat", "winter coat", "parka", "anorak"),
+    "sandal": ("sandal", "pair of sandals", "flip-flop", "strappy sandal", "open shoe", "heeled sandal"),
+    "shirt": ("shirt", "button-up shirt", "blouse", "collared shirt", "dress shirt", "flannel shirt"),
+    "sneaker": ("sneaker", "pair of sneakers", "running shoe", "trainer", "sports shoe", "shoe"),
+    "bag": ("bag", "handbag", "purse", "tote bag", "shoulder bag", "clutch"),
+    "ankle boot": ("ankle boot", "boot", "pair of boots", "leather boot", "winter boot", "heeled boot"),
+}
 # Where the Debian package `dataset-fashion-mnist` installs the four idx.gz files.
 SYSTEM_DIRS: tuple[Path, ...] = (Path("/usr/share/datasets/fashion-mnist"),)
 # The canonical location from github.com/zalandoresearch/fashion-mnist (README "Get the Data").

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_DOMAINS = {
-    "fashion_mnist": "photos of clothing items",
+    "fashion_mnist": "photos of fashion products: clothing, shoes and bags",
     "cifar10": "photos of animals and vehicles",
     "cifar100": "photos of everyday objects, animals, plants and scenes",
     "cifar100_superclass": "photos of everyday objects, animals, plants and scenes",
@@ -261,12 +261,15 @@ def _folder_sets(cfg: "DataSection", seed: int) -> tuple[ImageCatalog, ImageCata
     return catalog.subset(train_idx), catalog.subset(test_idx)
 
 
-def build_split(cfg: "DataSection", seed: int) -> OneClassSplit:
-    """The one-class split the engine runs on, from the ``data`` config section.
+def dataset_key(cfg: "DataSection") -> str:
+    """The dataset a ``data`` section names: ``data.preset`` when set, else ``data.dataset``."""
+    return cfg.preset or cfg.dataset
 
-    ``data.preset`` (when set) decides the dataset; otherwise ``data.dataset`` does.
-    """
-    key = cfg.preset or cfg.dataset
+
+def load_dataset_sets(cfg: "DataSection", seed: int) -> "tuple[ImageSet | ImageCatalog, ImageSet | ImageCatalog]":
+    """The whole labelled train and test sets of the dataset the ``data`` section names
+    (every class; ImageCatalogs decode lazily)."""
+    key = dataset_key(cfg)
     templates = list(cfg.caption_templates)
     train: ImageSet | ImageCatalog
     test: ImageSet | ImageCatalog
@@ -298,8 +301,18 @@ def build_split(cfg: "DataSection", seed: int) -> OneClassSplit:
         train, test = _folder_sets(cfg, seed)
     else:
         raise ValueError(f"unknown dataset {key!r}; choose data.dataset in {sorted(DEFAULT_DOMAINS)} or a data.preset")
+    return train, test
+
+
+def build_split(cfg: "DataSection", seed: int) -> OneClassSplit:
+    """The one-class split the engine runs on, from the ``data`` config section.
+
+    ``data.preset`` (when set) decides the dataset; otherwise ``data.dataset`` does.
+    """
+    key = dataset_key(cfg)
+    train, test = load_dataset_sets(cfg, seed)
     normal = cfg.normal_classes if cfg.normal_classes is not None else DEFAULT_NORMAL_CLASSES.get(key, [0])
     return make_one_class_split(
         train, test, normal, cfg.holdout_fraction, seed, cfg.max_normal_train, cfg.max_test,
-        caption_templates=templates, domain=cfg.domain or DEFAULT_DOMAINS[key], dataset_name=key,
+        caption_templates=list(cfg.caption_templates), domain=cfg.domain or DEFAULT_DOMAINS[key], dataset_name=key,
     )  # fmt: skip

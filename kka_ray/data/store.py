@@ -1,9 +1,11 @@
 """The anomaly store and the anomaly set D_a (method.md step 9, "Updating the anomaly set").
 
 The store is a Parquet dataset under ``<run>/anomalies/``: one file per iteration holding
-every anomaly kept that iteration, with its prompt, text, PNG image, the adapter version that
-wrote it, the confusion evaluator's distance and the hard flag (Eq. 6). The anomaly set D_a
-(what the detector trains on) is a list of store ids per iteration under ``<run>/sets/``.
+every anomaly drawn that iteration, with its prompt, text, PNG image, the adapter version that
+wrote it, the normal-likeness guard's verdict (``guard_reason``: null when kept, else why it was
+dropped) and scores, the confusion evaluator's distance and the hard flag (Eq. 6; NaN / false
+for dropped rows). Only kept rows ever reach the evaluator, the detector or DPO. The anomaly
+set D_a (what the detector trains on) is a list of store ids per iteration under ``<run>/sets/``.
 
 ``add``: D_a grows by all new anomalies each iteration. ``rep``: D_a keeps the size it had after
 its first iteration; its easy members are replaced by new anomalies, hardest new first against
@@ -25,7 +27,10 @@ import numpy as np
 STORE_COLUMNS = (
     "id", "run", "iteration", "prompt_id", "sample_idx", "cluster", "prompt", "description",
     "text", "image", "seed", "adapter_version", "distance", "is_hard", "features",
+    "guard_reason", "normal_score", "text_similarity",
 )
+# Columns that files written before the guard existed lack; read() fills them (null = kept, NaN).
+GUARD_COLUMNS = ("guard_reason", "normal_score", "text_similarity")
 
 
 def anomaly_id(run: str, iteration: int, prompt_id: int, sample_idx: int) -> str:
@@ -95,10 +100,19 @@ class AnomalyStore:
         import pyarrow.parquet as pq
 
         its = list(self.iterations() if iterations is None else iterations)
-        tables = [pq.read_table(self.path(k), columns=columns) for k in its if self.path(k).is_file()]
+        tables = [_with_guard_columns(self.path(k), columns) for k in its if self.path(k).is_file()]
         if not tables:
             return None
         return pa.concat_tables(tables)
+
+    def read_kept(self, iterations: Iterable[int] | None = None, columns: list[str] | None = None) -> Any:
+        """Like :meth:`read`, only the rows the guard kept (None when there are none)."""
+        cols = None if columns is None else list(dict.fromkeys([*columns, "guard_reason"]))
+        table = self.read(iterations, cols)
+        if table is None:
+            return None
+        table = table.filter(kept_mask(table))
+        return table if columns is None else table.select(columns)
 
     def rows(self, ids: Iterable[str], columns: list[str] | None = None) -> Any:
         """The rows whose id is in ``ids`` (any iteration), in the order of ``ids``."""
@@ -114,6 +128,30 @@ class AnomalyStore:
         if missing:
             raise KeyError(f"{len(missing)} anomaly ids are not in the store at {self.root}, e.g. {missing[0]}")
         return table.take(pa.array([index[i] for i in ids]))
+
+
+def kept_mask(table: Any) -> np.ndarray:
+    """True for the rows the guard kept (``guard_reason`` null or empty)."""
+    reasons = table.column("guard_reason").to_pylist()
+    return np.array([not r for r in reasons], dtype=bool)
+
+
+def _with_guard_columns(path: Path, columns: list[str] | None) -> Any:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    present = set(pq.read_schema(path).names)
+    want = list(STORE_COLUMNS if columns is None else columns)
+    table = pq.read_table(path, columns=[c for c in want if c in present])
+    for name in want:
+        if name in present:
+            continue
+        if name not in GUARD_COLUMNS:
+            raise KeyError(f"{path} has no column {name!r}")
+        kind = pa.string() if name == "guard_reason" else pa.float64()
+        fill = None if name == "guard_reason" else float("nan")
+        table = table.append_column(name, pa.array([fill] * table.num_rows, kind))
+    return table.select(want)
 
 
 @dataclass(frozen=True)

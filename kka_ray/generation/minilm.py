@@ -112,16 +112,27 @@ def load_minilm(model_dir: str | os.PathLike):
 def embed_sentences(texts: list[str], cache_dir: str | os.PathLike, batch_size: int = 64):
     """Sentence embeddings as sentence-transformers computes them for all-MiniLM-L6-v2: mean of the
     token states over the attention mask, L2-normalised; float32 numpy (n, 384)."""
-    import numpy as np
-    import torch
+    return SentenceEmbedder(cache_dir, batch_size)(texts)
 
-    model, tok = load_minilm(prepare_minilm(cache_dir))
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(texts), batch_size):
-            enc = tok(list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=128, return_tensors="pt")
-            states = model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(states.dtype)
-            pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out.append(torch.nn.functional.normalize(pooled, dim=1).numpy())
-    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 384), np.float32)
+
+class SentenceEmbedder:
+    """:func:`embed_sentences` with the model loaded once: ``SentenceEmbedder(cache)(texts)``."""
+
+    def __init__(self, cache_dir: str | os.PathLike, batch_size: int = 64):
+        self.model, self.tokenizer = load_minilm(prepare_minilm(cache_dir))
+        self.batch_size = batch_size
+
+    def __call__(self, texts: list[str]):
+        import numpy as np
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(list(texts[i : i + self.batch_size]), padding=True, truncation=True,
+                                     max_length=128, return_tensors="pt")
+                states = self.model(**enc).last_hidden_state
+                mask = enc["attention_mask"].unsqueeze(-1).to(states.dtype)
+                pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                out.append(torch.nn.functional.normalize(pooled, dim=1).numpy())
+        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 384), np.float32)

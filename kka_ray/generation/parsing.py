@@ -3,8 +3,9 @@
 One description per output: the first non-empty line, cut at the first sentence end, with
 list numbering, bullets and quotes stripped and whitespace normalised. Outputs that are
 empty, duplicates (of earlier ones in the iteration, case-insensitive, or within the call),
-too long, or not text are dropped AND counted by reason; the result stays aligned with the
-input (``None`` where dropped) so sample positions are stable.
+too long, not text, or not a description of one object (commentary about the task, a list of
+several items, a fragment cut mid-phrase) are dropped AND counted by reason; the result stays
+aligned with the input (``None`` where dropped) so sample positions are stable.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 import unicodedata
 from collections import Counter
 
-DROP_REASONS = ("empty", "duplicate", "too_long", "non_text")
+DROP_REASONS = ("empty", "duplicate", "too_long", "non_text", "not_a_description")
 
 # Minimum letters a description needs, and the minimum share of letters among its
 # non-space characters: "a photo of a" plus a word passes, "1. 2. 3." or "$$%#" does not.
@@ -30,6 +31,17 @@ _LEADING_MARKER = re.compile(r"^\s*(?:\(?\d{1,3}[.):]\s+|[-*•·–—#>]+\s*)"
 _QUOTES = "\"'`“”‘’«»*_"
 _SENTENCE_END = re.compile(r"[.!?](?=[\s\"'”’)]|$)")
 _BAD_CATEGORIES = {"Cc", "Co", "Cs", "Cn"}
+# Commentary about the task rather than a description ("Here are more captions:", "Example 2").
+_COMMENTARY = re.compile(
+    r":|\b(?:captions?|sentences?|examples?|descriptions?|here (?:is|are)|the list|this list|each line)\b", re.IGNORECASE
+)
+# A list of several items in one line: two or more ", a ..." / "; the ..." continuations.
+_LIST_ITEM = re.compile(r"[,;]\s*(?:and\s+)?(?:a|an|the)\s", re.IGNORECASE)
+# A description cut mid-phrase ends with one of these words.
+_DANGLING = frozenset(
+    "a an the of with and or in on at to for from by that which who its their his her this these my your "
+    "our some".split()
+)
 
 
 def description_key(text: str) -> str:
@@ -77,6 +89,13 @@ def _is_non_text(text: str, answer_prefix: str) -> bool:
     return False
 
 
+def _is_not_a_description(text: str) -> bool:
+    if _COMMENTARY.search(text) or len(_LIST_ITEM.findall(text)) >= 2:
+        return True
+    words = text.rstrip(" .!?;,").split()
+    return bool(words) and words[-1].lower() in _DANGLING
+
+
 def parse_descriptions(
     raw: list[str],
     *,
@@ -110,6 +129,8 @@ def parse_descriptions(
             reason = "empty"
         elif _is_non_text(text, answer_prefix):
             reason = "non_text"
+        elif _is_not_a_description(text):
+            reason = "not_a_description"
         elif len(text) > max_chars:
             reason = "too_long"
         elif description_key(text) in seen:

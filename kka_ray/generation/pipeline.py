@@ -176,6 +176,15 @@ class ResidentPools:
 
         ray.get([a.load_adapter.remote(path, version) for a in self.describers])
 
+    def adapter_version(self) -> int:
+        """The adapter version the describers hold (they always hold the same one)."""
+        import ray
+
+        versions = set(ray.get([a.adapter_version.remote() for a in self.describers]))
+        if len(versions) != 1:
+            raise RuntimeError(f"the describer replicas hold different adapter versions: {sorted(versions)}")
+        return versions.pop()
+
     def reset(self, iteration: int) -> None:
         import ray
 

@@ -3,7 +3,10 @@
 Implements the sampling side of Eq. 3 (textual anomalies from representative descriptions)
 and Eq. 8 (the same prompts through the DPO-updated LLM). Sampling, not greedy decoding
 (greedy repeats itself); the answer is started with the normal captions' own opening
-(``answer_prefix``, e.g. "a photo of a"), which made SmolLM2's outputs usable (method.md).
+(``answer_prefix``, e.g. "a photo of a"), which made SmolLM2's outputs usable (method.md). A
+prompt goes through the tokenizer's chat template (``chat=True``) or is continued as plain text
+(``chat=False``: few-shot list completions, base models); :func:`format_prompt` builds both, and
+the DPO trainer uses it too.
 
 ``TransformersTextGenerator`` is the local default (CPU, batched ``generate``);
 ``kka_ray.generation.vllm_text.VLLMTextGenerator`` is the GPU-cluster backend with the same
@@ -32,6 +35,7 @@ __all__ = [
     "TextGenerator",
     "TransformersTextGenerator",
     "format_chat_prompt",
+    "format_prompt",
     "make_text_generator",
     "resolve_model_path",
     "check_adapter_dir",
@@ -71,6 +75,14 @@ def format_chat_prompt(tokenizer: Any, prompt: str, answer_prefix: str = "") -> 
         [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
     )
     return text + answer_prefix
+
+
+def format_prompt(tokenizer: Any, prompt: str, answer_prefix: str = "", chat: bool = True) -> str:
+    """The text the LLM continues: the chat-formatted user turn (``chat``) or the prompt itself,
+    then the answer prefix."""
+    if chat:
+        return format_chat_prompt(tokenizer, prompt, answer_prefix)
+    return prompt + answer_prefix
 
 
 def check_adapter_dir(path: str | os.PathLike) -> Path:
@@ -114,6 +126,7 @@ class TransformersTextGenerator:
         answer_prefix: str = "a photo of a",
         trust_remote_code: bool = False,
         stop_at_newline: bool = False,
+        chat: bool = True,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -129,6 +142,7 @@ class TransformersTextGenerator:
         self.top_p = top_p
         self.batch_size = batch_size
         self.answer_prefix = answer_prefix
+        self.chat = chat
         self.adapter_version = 0
         self._adapter_name: str | None = None
         self._adapter_count = 0
@@ -153,7 +167,7 @@ class TransformersTextGenerator:
     # ------------------------------------------------------------------ sampling
 
     def chat_prompts(self, prompts: list[str]) -> list[str]:
-        return [format_chat_prompt(self.tokenizer, p, self.answer_prefix) for p in prompts]
+        return [format_prompt(self.tokenizer, p, self.answer_prefix, self.chat) for p in prompts]
 
     def generate(self, prompts: list[str], n: int, seed: int) -> list[list[str]]:
         if n < 1:
@@ -222,8 +236,11 @@ class TransformersTextGenerator:
 
 def make_text_generator(cfg: "DescriberSection", cache_dir: str | os.PathLike, device: str = "cpu") -> TextGenerator:
     """Build the backend ``cfg.backend`` names, with the model resolved against ``cache_dir``."""
+    from kka_ray.knowledge.prompts import resolve_template
+
     model_path = resolve_model_path(cfg.model, cache_dir)
     common = dict(
+        chat=resolve_template(cfg).chat,
         dtype=cfg.dtype,
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
@@ -238,6 +255,7 @@ def make_text_generator(cfg: "DescriberSection", cache_dir: str | os.PathLike, d
             model_path,
             max_lora_rank=cfg.max_lora_rank,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
+            stop_at_newline=cfg.first_sentence_only,
             **common,
         )
     if cfg.backend == "transformers":

@@ -33,6 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kka_ray.data.fashion_mnist import CLASS_SYNONYMS  # the drawer learns every synonym
+
 logger = logging.getLogger(__name__)
 
 
@@ -50,19 +52,6 @@ ADJECTIVES: tuple[str, ...] = (
     "plain", "simple", "dark", "light", "white", "black", "grey", "striped", "patterned", "new", "old",
     "casual", "classic", "small", "large", "worn", "clean", "modern", "cheap", "fancy", "elegant", "bright",
 )  # fmt: skip
-# Synonyms per Fashion-MNIST class (the loader's class names, in label order).
-CLASS_SYNONYMS: dict[str, tuple[str, ...]] = {
-    "t-shirt/top": ("t-shirt", "t-shirt/top", "top", "tee", "tee shirt", "short-sleeved top", "tank top"),
-    "trouser": ("trouser", "pair of trousers", "pair of pants", "pair of jeans", "pair of slacks", "pair of leggings"),
-    "pullover": ("pullover", "sweater", "jumper", "sweatshirt", "knit sweater", "cardigan"),
-    "dress": ("dress", "summer dress", "gown", "sundress", "frock", "party dress"),
-    "coat": ("coat", "jacket", "overcoat", "winter coat", "parka", "anorak"),
-    "sandal": ("sandal", "pair of sandals", "flip-flop", "strappy sandal", "open shoe", "heeled sandal"),
-    "shirt": ("shirt", "button-up shirt", "blouse", "collared shirt", "dress shirt", "flannel shirt"),
-    "sneaker": ("sneaker", "pair of sneakers", "running shoe", "trainer", "sports shoe", "shoe"),
-    "bag": ("bag", "handbag", "purse", "tote bag", "shoulder bag", "clutch"),
-    "ankle boot": ("ankle boot", "boot", "pair of boots", "leather boot", "winter boot", "heeled boot"),
-}
 # Descriptive paraphrases per class (the benchmark's held-out paraphrases are disjoint from these).
 CLASS_PARAPHRASES: dict[str, tuple[str, ...]] = {
     "t-shirt/top": ("a short-sleeved cotton t-shirt", "a plain tee with a round neck", "a sleeveless top",

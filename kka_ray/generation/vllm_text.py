@@ -3,7 +3,7 @@
 One resident ``vllm.LLM`` engine with LoRA enabled. A new DPO adapter is a new
 ``LoRARequest`` (name, int id = adapter version, path): vLLM loads it on the next request,
 so the engine takes the adapter without a restart. Prompts are chat-formatted with the
-model's own tokenizer plus the answer prefix (``format_chat_prompt``, shared with the local
+model's own tokenizer plus the answer prefix (``format_prompt``, shared with the local
 backend and the DPO trainer) and passed as token ids, so no special token is added twice.
 
 vllm is imported inside ``__init__``: it ships CUDA-only wheels (the ``gpu`` extra).
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 
-from kka_ray.generation.text import check_adapter_dir, format_chat_prompt
+from kka_ray.generation.text import check_adapter_dir, format_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ class VLLMTextGenerator:
         trust_remote_code: bool = False,
         max_lora_rank: int = 16,
         gpu_memory_utilization: float = 0.85,
+        chat: bool = True,
+        stop_at_newline: bool = False,
         **engine_kwargs,
     ) -> None:
         try:
@@ -51,6 +53,8 @@ class VLLMTextGenerator:
 
         self.model_path = str(model_path)
         self.answer_prefix = answer_prefix
+        self.chat = chat
+        self.stop = ["\n"] if stop_at_newline else None
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
@@ -76,7 +80,7 @@ class VLLMTextGenerator:
         if n < 1:
             raise ValueError(f"n (samples per prompt) must be >= 1, got {n}")
         inputs = [
-            {"prompt_token_ids": self.tokenizer(format_chat_prompt(self.tokenizer, p, self.answer_prefix),
+            {"prompt_token_ids": self.tokenizer(format_prompt(self.tokenizer, p, self.answer_prefix, self.chat),
                                                 add_special_tokens=False)["input_ids"]}
             for p in prompts
         ]
@@ -86,6 +90,7 @@ class VLLMTextGenerator:
                 temperature=self.temperature,
                 top_p=self.top_p,
                 max_tokens=self.max_new_tokens,
+                stop=self.stop,
                 seed=(int(seed) * _SEED_STRIDE + i) % (2**31 - 1),
             )
             for i in range(len(prompts))

@@ -1,9 +1,12 @@
 """Prompts for Eq. 3 of KKA (arXiv 2502.14880): the describer is asked for new, anomalous
 descriptions in the structure and style of a representative normal description (Eq. 2).
 
-A template holds ``{description}`` (required) and optionally ``{domain}``; e.g. the paper's
-"Please generate new sentences that describe {domain}. The sentences should follow the exact
-structure and style of the example below: {description}". Prompts cycle over the clusters
+A template holds ``{description}`` (required) and optionally ``{domain}`` and ``{normal}`` (the
+normal class names, "t-shirt/top" or "airplane or beach"); e.g. the paper's "Please generate new
+sentences that describe {domain}. The sentences should follow the exact structure and style of
+the example below: {description}", sent through the chat template, or the default few-shot list
+completion "Captions of {domain}, a different kind of item on each line:\n- {description}\n- ",
+which the answer prefix continues without a chat template. Prompts cycle over the clusters
 (round robin) so every mode of the normal data is represented.
 """
 
@@ -19,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 DESCRIPTION_FIELD = "{description}"
 DOMAIN_FIELD = "{domain}"
+NORMAL_FIELD = "{normal}"
 
 
 def check_template(template: str) -> str:
@@ -31,17 +35,29 @@ def check_template(template: str) -> str:
     return template
 
 
-def fill_template(template: str, domain: str, description: str) -> str:
-    """Replace ``{domain}`` and ``{description}``; other braces are left as they are."""
-    return check_template(template).replace(DOMAIN_FIELD, domain).replace(DESCRIPTION_FIELD, description)
+def fill_template(template: str, domain: str, description: str, normal: str = "") -> str:
+    """Replace ``{domain}``, ``{normal}`` and ``{description}``; other braces are left as they are."""
+    return (check_template(template).replace(DOMAIN_FIELD, domain).replace(NORMAL_FIELD, normal)
+            .replace(DESCRIPTION_FIELD, description))
 
 
-def resolve_template(describer: Any) -> str:
-    """The template text of a ``DescriberSection``: ``describer.template`` names an entry of
-    ``describer.templates`` or is itself a template text containing ``{description}``."""
+def normal_concept(class_names: Sequence[str]) -> str:
+    """The normal classes as the ``{normal}`` field reads them ("t-shirt/top", "a or b")."""
+    from kka_ray.data.captions import readable_name
+
+    return " or ".join(readable_name(n) for n in class_names)
+
+
+def resolve_template(describer: Any) -> Any:
+    """The :class:`~kka_ray.config.PromptTemplate` of a ``DescriberSection``: ``describer.template``
+    names an entry of ``describer.templates`` or is itself a chat template's text."""
+    from kka_ray.config import PromptTemplate
+
     name = describer.template
-    text = describer.templates.get(name, name)
-    return check_template(text)
+    template = describer.templates.get(name)
+    if template is None:
+        template = PromptTemplate(text=check_template(name))
+    return template
 
 
 def build_prompts(
@@ -50,6 +66,7 @@ def build_prompts(
     representatives: Sequence[Representative],
     num_prompts: int,
     seed: int,
+    normal: str = "",
 ) -> list[dict[str, Any]]:
     """Eq. 3 prompts: ``num_prompts`` dicts with ``prompt_id``, ``prompt``, ``description``, ``cluster``.
 
@@ -83,7 +100,7 @@ def build_prompts(
         prompts.append(
             {
                 "prompt_id": prompt_id,
-                "prompt": fill_template(template, domain, description),
+                "prompt": fill_template(template, domain, description, normal),
                 "description": description,
                 "cluster": cluster,
             }

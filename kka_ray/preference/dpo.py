@@ -14,8 +14,8 @@ beta = 0.1.
   ``preference.reference="base"`` (the default) that copy is deleted before training, so
   TRL falls back to ``disable_adapter()``, the base model. ``"previous_adapter"`` keeps it.
 - The prompt is the exact string the describer generates from
-  (``kka_ray.generation.text.format_chat_prompt``: chat template + generation
-  prompt + ``answer_prefix``); TRL appends EOS to each completion.
+  (``kka_ray.generation.text.format_prompt``: chat template + generation prompt, or the plain
+  completion prompt, + ``answer_prefix``); TRL appends EOS to each completion.
 - DeepSpeed ZeRO (stage 0-3, optional CPU optimizer offload) is switched on by
   ``preference.deepspeed.enabled``; a single process gets the rank/world/master env vars it
   needs, so the same path runs on a laptop CPU and on a GPU node.
@@ -249,6 +249,7 @@ def run_dpo(
     seed: int = 0,
     device: str = "cpu",
     trust_remote_code: bool = False,
+    chat: bool = True,
 ) -> dict[str, Any]:
     """Train the LoRA adapter with DPO on ``pairs`` and save it (adapter only) to ``out_dir``.
 
@@ -270,7 +271,7 @@ def run_dpo(
     from transformers import set_seed
     from trl import DPOTrainer
 
-    from kka_ray.generation.text import format_chat_prompt  # the describer's exact generation string
+    from kka_ray.generation.text import format_prompt  # the describer's exact generation string
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -281,7 +282,7 @@ def run_dpo(
             model, tokenizer = _load_policy(base_model, cfg, prev_adapter, trust_remote_code)
             rows = []
             for p in pairs:
-                prompt = _as_trl_prompt(tokenizer, format_chat_prompt(tokenizer, p.prompt, answer_prefix))
+                prompt = _as_trl_prompt(tokenizer, format_prompt(tokenizer, p.prompt, answer_prefix, chat))
                 rows.append({"prompt": prompt, "chosen": p.chosen, "rejected": p.rejected})
             trainer = DPOTrainer(
                 model=model,

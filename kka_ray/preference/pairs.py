@@ -13,6 +13,9 @@ same side. When there are more pairs than ``max_pairs``, same-prompt pairs win, 
 rank by rank across prompts (every prompt's best pair before any prompt's second) in a
 seeded prompt order; ties in distance are broken by the seed too.
 
+A non-hard record with distance ``+inf`` is a text that must never be preferred (the loop passes
+the rows the normal-likeness guard dropped this way): it ranks before every easy text.
+
 ``chosen``/``rejected`` are completions: the describer's answer started with
 ``answer_prefix`` (it sits at the end of the prompt), so the prefix is stripped from texts
 that start with it, keeping the following space so the token boundary matches generation.
@@ -86,8 +89,8 @@ def _clean(records: list[dict], answer_prefix: str, rng: random.Random) -> tuple
         except (TypeError, ValueError):
             skipped["distance not a number"] += 1
             continue
-        if not math.isfinite(dist):
-            skipped["distance not finite"] += 1
+        if math.isnan(dist) or (math.isinf(dist) and (bool(flag) or dist < 0)):
+            skipped["distance not finite"] += 1  # +inf only marks a rejected-only (normal-like) text
             continue
         completion = _strip_prefix(text, answer_prefix)
         if not completion.strip():

@@ -7,7 +7,9 @@ Train v2). It reads its shard of the ``"train"`` Ray Dataset (columns ``x``: flo
 1. optionally pre-trains a bias-free autoencoder (sum-of-squares reconstruction loss) and
    copies its encoder weights into phi,
 2. computes the centre ``c`` with one forward pass in eval mode, summing phi and counts
-   over all workers (``torch.distributed.all_reduce`` when the world size is > 1),
+   over all workers (``torch.distributed.all_reduce`` when the world size is > 1); with
+   ``init_scale: unit`` a second pass rescales phi's last layer (and ``c``) so the mean squared
+   distance of the non-anomalous rows starts at 1,
 3. trains phi with Adam on the Deep SAD loss for ``epochs`` epochs (DDP via
    ``prepare_model``), reporting the mean loss per epoch; every worker reports the same
    number of times, and the last report carries the checkpoint (rank 0 writes it):
@@ -118,6 +120,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     totals = global_sum([*sum_phi.tolist(), float(count)], device, world)
     center = center_from_sums(torch.tensor(totals[:-1]), totals[-1]).to(device)
     num_samples = int(totals[-1])
+    if cfg.init_scale == "unit":
+        # Rescale phi's last (bias-free) layer so the mean squared distance of the non-anomalous
+        # training rows starts at 1: at the raw scale of standardised features distances are in the
+        # hundreds and an anomaly's gradient (1/d^2) vanishes, so labelled anomalies teach nothing.
+        sum_d, n_d = 0.0, 0.0
+        with torch.no_grad():
+            for batch in batches(None):
+                keep = batch["label"] >= 0
+                d = ((raw(batch["x"][keep]) - center) ** 2).sum(1)
+                sum_d, n_d = sum_d + float(d.sum()), n_d + float(keep.sum())
+        sum_d, n_d = global_sum([sum_d, n_d], device, world)
+        scale = (n_d / max(sum_d, 1e-12)) ** 0.5
+        with torch.no_grad():
+            raw.code.weight.mul_(scale)
+        center = center_from_sums(torch.tensor(totals[:-1]) * scale, totals[-1]).to(device)
     if rank == 0:
         logger.info("Deep SAD centre from %d samples (%.1f s into the worker)", num_samples, time.perf_counter() - t_start)
 

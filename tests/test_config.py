@@ -13,7 +13,7 @@ def test_embedded_default_loads_and_matches_model_defaults():
     # (chosen on validation, see config.py); eps, beta as method.md; tau a quantile, not the maximum
     assert cfg.evaluator.eta == 1000.0 and cfg.evaluator.eps == 1e-6 and cfg.evaluator.init_scale == "unit"
     assert cfg.preference.beta == 0.1
-    assert cfg.evaluator.threshold == "quantile" and cfg.evaluator.quantile == 0.95
+    assert cfg.evaluator.threshold == "quantile" and cfg.evaluator.quantile == 0.98
     assert cfg.describer.template == "list" and cfg.describer.templates["list"].chat is False
     # every shipped field is a known field: a round trip through YAML gives the same tree
     assert load_config().to_dict() == KKAConfig.model_validate(yaml.safe_load(cfg.to_yaml())).to_dict()

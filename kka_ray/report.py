@@ -97,7 +97,7 @@ def auroc_chart(metrics: list[dict[str, Any]], baselines: dict[str, Any], width:
     pad = max(0.01, (hi - lo) * 0.15)
     lo, hi = max(0.0, lo - pad), min(1.0, hi + pad)
     n = max([i for i, _ in pts] + [1])
-    x = lambda i: 50 + (width - 70) * (i / n)  # noqa: E731  iteration 0 = baselines
+    x = lambda i: 50 + (width - 110) * (i / n)  # noqa: E731  iteration 0 = baselines; room for the last label
     y = lambda a: 20 + (height - 50) * (1 - (a - lo) / (hi - lo or 1))  # noqa: E731
     parts = [f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg" font-size="11">',
              f'<line x1="50" y1="{height-30}" x2="{width-20}" y2="{height-30}" stroke="#888"/>',
@@ -153,6 +153,7 @@ def write_report(run_dir: str | Path) -> Path:
     store = AnomalyStore(run_dir / "anomalies")
     n = cfg.report.grid_size
     sections = []
+    normal: list[str] = []
     for k in store.iterations():
         table = store.read([k], columns=["id", "text", "image", "distance", "is_hard", "adapter_version", "guard_reason"])
         audit_path = run_dir / "audit" / f"iter_{k}.json"
@@ -167,6 +168,7 @@ def write_report(run_dir: str | Path) -> Path:
                         + _grid(hard[:n], "Hard (closest to normal)", judged, len(hard))
                         + _grid(easy[:n], "Easy (farthest)", judged, len(easy))
                         + _grid(dropped[:n], "Rejected by the normal-likeness guard", judged, len(dropped)))
+    normal_names = ", ".join(normal) if normal else str(cfg.data.normal_classes or "the dataset's default class")
     head = ["iteration", "n_generated", "n_kept", "n_anomalies", "hard_fraction", "normal_leak", "coverage",
             "evaluator_new_auroc", "auroc", "aupr", "fpr95", "n_pairs", "dpo_last_loss", "cpu_seconds_per_anomaly",
             "cpu_seconds_per_hard_anomaly"]
@@ -182,7 +184,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} .grid{{display:f
 figure{{width:150px;margin:0;font-size:11px}} figure img{{image-rendering:pixelated;display:block}}
 .hists{{display:flex;gap:24px;font-size:12px}} .bar .lbl{{display:inline-block;width:80px}} h5{{margin:4px 0}}</style></head><body>
 <h1>KKA run {html.escape(run_dir.name)}</h1>
-<p>Data: {html.escape(cfg.data.dataset)} normal classes {html.escape(str(cfg.data.normal_classes))};
+<p>Data: {html.escape(cfg.data.preset or cfg.data.dataset)}, normal: {html.escape(normal_names)};
 mode <b>{cfg.run.mode}</b>; {cfg.run.iterations} iterations; describer {html.escape(cfg.describer.model)};
 drawer {html.escape(cfg.drawer.model)}; detector {cfg.detector.name}.</p>
 <h2>Detector AUROC per iteration</h2>{auroc_chart(metrics, baselines)}<ul>{base_html}</ul>{table_html}

@@ -146,6 +146,21 @@ def test_format_chat_prompt(tiny_lm):
     assert text.endswith("<|im_start|>user\nDescribe a strange shoe.<|im_end|>\n<|im_start|>assistant\na photo of a")
 
 
+def test_completion_prompt_keeps_the_text_and_adds_bos_only_where_the_tokenizer_would(tiny_lm):
+    from transformers import AutoTokenizer
+
+    from kka_ray.generation.text import format_prompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    prompt = "Captions of photos of shoes, one per line:\n- a photo of a boot.\n- "
+    assert format_prompt(tok, prompt, PREFIX, chat=False) == prompt + PREFIX  # SmolLM2 adds no BOS
+    assert format_prompt(tok, prompt, PREFIX, chat=True).startswith("<|im_start|>")
+    tok.add_bos_token = True  # a tokenizer that prepends BOS by default (as Gemma's)
+    text = format_prompt(tok, prompt, PREFIX, chat=False)
+    assert text == tok.bos_token + prompt + PREFIX
+    assert tok(text, add_special_tokens=False)["input_ids"] == tok(prompt + PREFIX)["input_ids"]
+
+
 def test_vllm_backend_without_vllm_gives_clear_error(tiny_lm):
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")

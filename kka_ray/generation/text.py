@@ -79,10 +79,20 @@ def format_chat_prompt(tokenizer: Any, prompt: str, answer_prefix: str = "") -> 
 
 def format_prompt(tokenizer: Any, prompt: str, answer_prefix: str = "", chat: bool = True) -> str:
     """The text the LLM continues: the chat-formatted user turn (``chat``) or the prompt itself,
-    then the answer prefix."""
+    then the answer prefix. A plain prompt starts with the BOS token when the tokenizer adds one
+    by default (Gemma's base model writes nonsense without it); the text is always tokenized
+    with ``add_special_tokens=False``."""
     if chat:
         return format_chat_prompt(tokenizer, prompt, answer_prefix)
-    return prompt + answer_prefix
+    return _default_bos(tokenizer) + prompt + answer_prefix
+
+
+def _default_bos(tokenizer: Any) -> str:
+    bos = getattr(tokenizer, "bos_token", None)
+    if not bos:
+        return ""
+    added = tokenizer("a")["input_ids"]
+    return bos if added and added[0] == tokenizer.bos_token_id and len(added) > len(tokenizer("a", add_special_tokens=False)["input_ids"]) else ""
 
 
 def check_adapter_dir(path: str | os.PathLike) -> Path:
@@ -160,8 +170,9 @@ class TransformersTextGenerator:
         self._torch = torch
         # One description per line: when only the first line is kept, stop sampling a sequence at
         # its first newline (saves most of max_new_tokens on CPU).
-        newline = self.tokenizer.encode("\n", add_special_tokens=False)
-        self._stop_ids = newline if stop_at_newline and len(newline) == 1 else []
+        # (tokenizers that have a token for a blank line, as Gemma's, stop there too)
+        newlines = [self.tokenizer.encode(t, add_special_tokens=False) for t in ("\n", "\n\n")]
+        self._stop_ids = sorted({ids[0] for ids in newlines if len(ids) == 1}) if stop_at_newline else []
         logger.info("text generator: %s on %s (%s)", self.model_path, self.device, dtype)
 
     # ------------------------------------------------------------------ sampling

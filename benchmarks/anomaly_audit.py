@@ -33,6 +33,10 @@ from machine import machine  # benchmarks/machine.py
 RESULTS = Path(__file__).resolve().parent / "results"
 GOALS = {"normal_leak_mean_max": 0.05, "leak_above_judge_max": 0.05, "coverage_mean_min": 5, "kept_share_min": 0.40}
 SWEEP_QUANTILES = ("0.5", "0.75", "0.9")
+# Fashion-MNIST's classes by silhouette: a hard anomaly should more often share the normal
+# class's group (a coat for T-shirt normals) than an easy one (a sneaker).
+GROUPS = {"t-shirt/top": "tops", "pullover": "tops", "dress": "tops", "coat": "tops", "shirt": "tops",
+          "sandal": "footwear", "sneaker": "footwear", "ankle boot": "footwear", "trouser": "trouser", "bag": "bag"}
 logger = logging.getLogger("anomaly_audit")
 
 
@@ -54,7 +58,7 @@ def image_rule_sweep(run_dir: Path, audit: dict[str, Any], guard: dict[str, Any]
     """What the kept set would be with the image rule at other held-out quantiles (the other rules as run)."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(run_dir / "anomalies" / "iter_1.parquet", columns=["id", "guard_reason", "normal_score"])
+    table = pq.read_table(run_dir / "anomalies" / "iter_1.parquet", columns=["id", "guard_reason", "normal_score", "is_hard"])
     rows = table.to_pylist()
     items = audit["items"]
     normal = set(audit.get("normal_names", []))
@@ -65,6 +69,12 @@ def image_rule_sweep(run_dir: Path, audit: dict[str, Any], guard: dict[str, Any]
         kept = [r for r in rows if r["guard_reason"] in (None, "image_like_normal") and not (r["normal_score"] < tau)]
         judged = [items.get(r["id"]) for r in kept]
         out[q] = {"n_kept": len(kept), "normal_leak": (sum(j in normal for j in judged) / len(judged)) if judged else None}
+        # the evaluator split only what the run kept: at a stricter quantile than the run's, the
+        # hard share of the smaller set (and how many of the extra drops were hard) is known
+        if all(r["guard_reason"] is None for r in kept) and all(r["is_hard"] is not None for r in kept):
+            extra = [r for r in rows if r["guard_reason"] is None and r["normal_score"] < tau]
+            out[q].update(hard_fraction=(sum(bool(r["is_hard"]) for r in kept) / len(kept)) if kept else None,
+                          extra_dropped=len(extra), extra_dropped_hard=sum(bool(r["is_hard"]) for r in extra))
     return out
 
 
@@ -101,6 +111,17 @@ def _examples(run_dir: Path, kept: bool, n: int = 6) -> list[str]:
     return [r["text"] for r in rows if (r["guard_reason"] is None) == kept][:n]
 
 
+def same_group_share(record: dict[str, Any], part: str) -> float | None:
+    """Share of the judged images of ``part`` (hard or easy; the normal class itself left out)
+    whose class shares the normal class's group in ``GROUPS`` (None for a class alone in its group)."""
+    hist, group = record.get(f"judged_{part}") or {}, GROUPS.get(record["name"])
+    if sum(g == group for g in GROUPS.values()) < 2:
+        return None
+    others = {k: v for k, v in hist.items() if k != record["name"]}
+    n = sum(others.values())
+    return sum(v for k, v in others.items() if GROUPS.get(k) == group) / n if n and group else None
+
+
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     mean = lambda key: float(np.mean([r[key] for r in records if r[key] is not None]))  # noqa: E731
     leak_gap = [r["normal_leak"] - r["judge_false_normal_rate"] for r in records if r["normal_leak"] is not None]
@@ -110,6 +131,9 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
              "max_leak_above_judge": float(max(leak_gap)) if leak_gap else None}
     if all(r["hard_fraction"] is not None for r in records):
         means["hard_fraction"] = mean("hard_fraction")
+        for r in records:
+            r["hard_same_group"], r["easy_same_group"] = same_group_share(r, "hard"), same_group_share(r, "easy")
+        means["hard_same_group"], means["easy_same_group"] = mean("hard_same_group"), mean("easy_same_group")
     goals = {
         "normal_leak_mean": means["normal_leak"] <= GOALS["normal_leak_mean_max"],
         "leak_above_judge_every_class": means["max_leak_above_judge"] is not None
@@ -117,7 +141,19 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
         "coverage_mean": means["coverage"] >= GOALS["coverage_mean_min"],
         "kept_share_mean": means["kept_share"] >= GOALS["kept_share_min"],
     }
-    return {"means": means, "goals_met": goals, "goals": GOALS}
+    sweep = {}
+    for q in SWEEP_QUANTILES:
+        per = [(r, r["image_rule_sweep"][q]) for r in records if q in (r.get("image_rule_sweep") or {})]
+        if len(per) == len(records):
+            avg = lambda vals: float(np.mean(vals)) if vals and None not in vals else None  # noqa: E731
+            sweep[q] = {"kept_share": avg([x["n_kept"] / r["generated"] for r, x in per]),
+                        "normal_leak": avg([x["normal_leak"] for r, x in per]),
+                        "max_leak_above_judge": max(x["normal_leak"] - r["judge_false_normal_rate"] for r, x in per
+                                                    if x["normal_leak"] is not None),
+                        "hard_fraction": avg([x.get("hard_fraction") for r, x in per]),
+                        "extra_dropped": sum(x.get("extra_dropped", 0) for r, x in per),
+                        "extra_dropped_hard": sum(x.get("extra_dropped_hard", 0) for r, x in per)}
+    return {"means": means, "goals_met": goals, "goals": GOALS, "image_rule_sweep": sweep}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -135,6 +171,22 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(f"| **mean** | | | {pct(m['kept_share'])} | {pct(m['normal_leak'])} | {pct(m['judge_false_normal_rate'])} | "
                  f"{pct(m['normal_leak_before_guard'])} | {m['coverage']:.1f}/9 | | {pct(m.get('hard_fraction'))} |")
     lines += ["", "Goals: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in result["summary"]["goals_met"].items()), ""]
+    if "hard_same_group" in m:
+        lines += [f"Judged hard anomalies of the normal class's own group (tops or footwear; "
+                  f"the normal class left out): {pct(m['hard_same_group'])} on average, easy ones {pct(m['easy_same_group'])}. "
+                  "Per class, hard / easy: " + ", ".join(f"{r['name']} {pct(r['hard_same_group'])} / {pct(r['easy_same_group'])}"
+                                                        for r in result["classes"] if r["hard_same_group"] is not None or r["easy_same_group"] is not None) + ".", ""]
+    sweep = result["summary"].get("image_rule_sweep") or {}
+    if sweep:
+        lines += ["The image rule at other quantiles of the held-out normals' Eq. 1 scores (the other rules as run; "
+                  "hard shares only for quantiles stricter than the run's, whose kept sets the evaluator split):", "",
+                  "| image quantile | kept share | normal_leak | largest excess over the judge | hard fraction | extra drops (hard) |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for q, x in sweep.items():
+            extra = f"{x['extra_dropped']} ({x['extra_dropped_hard']})" if x["hard_fraction"] is not None else "-"
+            lines.append(f"| {q} | {pct(x['kept_share'])} | {pct(x['normal_leak'])} | {pct(x['max_leak_above_judge'])} | "
+                         f"{pct(x['hard_fraction'])} | {extra} |")
+        lines.append("")
     lines += ["Judged classes of the kept set:", ""]
     for r in result["classes"]:
         hist = ", ".join(f"{k} {v}" for k, v in sorted(r["judged_kept"].items(), key=lambda kv: -kv[1]))
@@ -149,7 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default="runs/anomaly_audit", help="run directories go under ROOT/TAG/")
     parser.add_argument("--tag", default="default", help="names the result file and the run directories")
     parser.add_argument("--no-evaluate", action="store_true", help="skip the confusion evaluator (no hard/easy split)")
+    parser.add_argument("--from-results", action="store_true",
+                        help="recompute the summary and Markdown of the saved results of --tag; run nothing")
     args = parser.parse_args(argv)
+    suffix = "" if args.tag == "default" else f"_{args.tag}"
+    if args.from_results:
+        result = json.loads((RESULTS / f"anomaly_audit{suffix}.json").read_text())
+        result["summary"] = summarise(result["classes"])
+        (RESULTS / f"anomaly_audit{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (RESULTS / f"anomaly_audit{suffix}.md").write_text(markdown(result))
+        print(markdown(result))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for name in ("ray", "ray.data", "ray.train", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -164,7 +226,6 @@ def main(argv: list[str] | None = None) -> int:
                     r["generated"], r["normal_leak"] or 0.0, r["judge_false_normal_rate"], r["coverage"])
     result = {"tag": args.tag, "overrides": args.overrides, "classes": records, "summary": summarise(records),
               "wall_seconds": round(time.perf_counter() - t0, 1), "machine": machine()}
-    suffix = "" if args.tag == "default" else f"_{args.tag}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"anomaly_audit{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
     (RESULTS / f"anomaly_audit{suffix}.md").write_text(markdown(result))

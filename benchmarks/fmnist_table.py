@@ -268,6 +268,66 @@ def like_for_like(per_class: list[dict]) -> list[dict]:
     return out
 
 
+def _mean(values: list) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return round(sum(vals) / len(vals), 6) if vals else None
+
+
+def kka_ablation(runs: list[tuple[Path, str]]) -> dict:
+    """KKA(0..K) from the runs' own records: the loop's detector without anomalies
+    (``baselines.json``, KKA(0)) and after each iteration (``metrics.jsonl``), beside what each
+    iteration generated (hard share under the adapting evaluator and under iteration 1's,
+    ``normal_leak``), DPO's last loss and the describer shift (hard share before and after)."""
+    from kka_ray.config import load_config
+
+    rows = []
+    for run, mode in runs:
+        metrics_path = run / "metrics.jsonl"
+        if not metrics_path.is_file():
+            continue
+        metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        det = load_config(run / "config.yaml").detector.name
+        base = json.loads((run / "baselines.json").read_text()) if (run / "baselines.json").is_file() else {}
+        row = {"run": run.name, "mode": mode, "detector": det,
+               "auroc": [base.get(det, {}).get("auroc"), *[m.get("auroc") for m in metrics]]}
+        for key in ("hard_fraction", "hard_fraction_ref", "normal_leak", "n_kept", "dpo_last_loss"):
+            row[key] = [m.get(key) for m in metrics]
+        row["shift_hard_share"] = [[(m.get("describer_shift") or {}).get(side, {}).get("hard_share") for side in ("before", "after")]
+                                   for m in metrics if m.get("describer_shift")]
+        rows.append(row)
+    if not rows:
+        return {"rows": []}
+    n_iter = max(len(r["hard_fraction"]) for r in rows)
+    mean = {key: [_mean([r[key][i] for r in rows if i < len(r[key])]) for i in range(n_iter + (key == "auroc"))]
+            for key in ("auroc", "hard_fraction", "hard_fraction_ref", "normal_leak", "dpo_last_loss")}
+    full = [r for r in rows if len(r["auroc"]) == n_iter + 1 and None not in r["auroc"]]
+    goals = {
+        "n_runs": len(rows), "n_full": len(full),
+        "kka_last_above_none": sum(r["auroc"][-1] > r["auroc"][0] for r in full),
+        "kka_last_above_kka1": sum(r["auroc"][-1] > r["auroc"][1] for r in full),
+        "hard_share_ref_rises": sum((r["hard_fraction_ref"][-1] or 0) > (r["hard_fraction_ref"][0] or 0) for r in full),
+        "hard_fraction_within_0.1_0.9": sum(all(h is not None and 0.1 <= h <= 0.9 for h in r["hard_fraction"]) for r in full),
+    }
+    return {"rows": rows, "mean": mean, "goals": goals}
+
+
+def ablation_markdown(ab: dict) -> str:
+    if not ab["rows"]:
+        return "(no finished runs)"
+    pct = lambda v: "-" if v is None else f"{100 * v:.0f}"  # noqa: E731
+    auc = lambda v: "-" if v is None else f"{100 * v:.1f}" if v <= 1 else f"{v:.1f}"  # noqa: E731
+    n = max(len(r["auroc"]) for r in ab["rows"])
+    head = (["run"] + [f"KKA({k})" for k in range(n)] + [f"hard {k}" for k in range(1, n)]
+            + [f"hard ref {k}" for k in range(1, n)] + [f"leak {k}" for k in range(1, n)] + ["DPO last loss"])
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in [*ab["rows"], {"run": "**mean**", **ab["mean"]}]:
+        cells = ([r["run"]] + [auc(v) for v in r["auroc"]] + [pct(v) for v in r["hard_fraction"]]
+                 + [pct(v) for v in r["hard_fraction_ref"]] + [pct(v) for v in r["normal_leak"]]
+                 + [" / ".join("-" if v is None else f"{v:.2f}" for v in r["dpo_last_loss"])])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_results(rows: list[dict], runs: list[tuple[Path, str]], args: argparse.Namespace, classes: list[int],
                   modes: list[str], seeds_for: dict[str, int], root: Path) -> None:
     from kka_ray.evaluation.tables import MAIN_COLUMNS, main_table, to_csv, to_markdown, write_tables
@@ -301,11 +361,18 @@ def write_results(rows: list[dict], runs: list[tuple[Path, str]], args: argparse
         "## Seconds", "", "\n".join(f"- {k}: {v}" for k, v in seconds.items()), "",
         "## Where the fits ran", "", "\n".join(f"- {d}: {where}" for d, where in fitted_on(rows).items()), "",
     ]
+    ablation = kka_ablation(runs)
+    lines += ["## KKA(k): the loop's detector after each iteration", "",
+              "From each run's own records: KKA(0) is the loop's detector without anomalies (`baselines.json`), "
+              "KKA(k) after iteration k (`metrics.jsonl`); hard = share of iteration k's new anomalies on the hard "
+              "side of that iteration's evaluator, hard ref = the same under iteration 1's evaluator; leak = "
+              "`normal_leak` of the kept set (the audit's judge).", "",
+              ablation_markdown(ablation), "", f"Counts over runs with every iteration: {ablation.get('goals', {})}", ""]
     (RESULTS / "fmnist_table.md").write_text("\n".join(lines))
     (RESULTS / "fmnist_table.json").write_text(json.dumps({
         "machine": machine(), "seconds": seconds, "classes": classes, "modes": modes, "iterations": args.iterations, "seeds": seeds_for,
         "detector_set": args.detector_set, "fitted_on": fitted_on(rows), "summary": summary,
-        "like_for_like": matched}, indent=1))
+        "like_for_like": matched, "kka_ablation": ablation}, indent=1))
     print(to_markdown(summary, ["detector", *MAIN_COLUMNS[2:], "n_splits"]), flush=True)
 
 

@@ -234,3 +234,14 @@ def test_a_packed_run_unpacks_elsewhere_and_evaluates_as_the_original(finished_r
     unpack_run(packed, other)
     tampered = [{**r, "set_digest": "0" * 12} if r["iteration"] == 2 else r for r in records]
     assert fmnist_table.restore_fits(other, tampered) == (2, 1)
+
+    # the KKA(k) ablation: KKA(0) from the run's baselines, KKA(k) and the split from its metrics
+    metrics = [json.loads(line) for line in (moved / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    ablation = fmnist_table.kka_ablation([(moved, "add")])
+    (row,) = ablation["rows"]
+    det = row["detector"]
+    base = json.loads((moved / "baselines.json").read_text())
+    assert row["auroc"] == [base[det]["auroc"] if det in base else None, *[m["auroc"] for m in metrics]]
+    assert row["hard_fraction"] == [m["hard_fraction"] for m in metrics]
+    table = fmnist_table.ablation_markdown(ablation)
+    assert table.count("\n") == 3 and f"KKA({len(metrics)})" in table

@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
                      "a name under run.storage_path when that is set)")
     run.add_argument("--resume", metavar="DIR", help="continue the run in DIR (a path or a storage URI) from its "
                      "last completed stage")
+    run.add_argument("--check", action="store_true", help="check the config, the dataset (path, format, classes) and "
+                     "the output directory, then stop: nothing is started or written")
     run.add_argument("overrides", nargs="*", help="config overrides, e.g. run.iterations=2 describer.temperature=0.8")
 
     prep = sub.add_parser("prepare", help="prepare local models into the model cache")
@@ -88,11 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     try:
         if args.command == "run":
-            from kka_ray.storage import create_run, resume_run
+            from kka_ray.storage import check_run, create_run, resume_run
 
+            if args.resume and (args.config or args.overrides):
+                raise ConfigError("--resume continues a run with its own config.yaml: drop --config and overrides")
+            if args.check:
+                print(check_run(args.resume, None if args.resume else load_config(args.config, args.overrides), args.output))
+                return 0
             if args.resume:
-                if args.config or args.overrides:
-                    raise ConfigError("--resume continues a run with its own config.yaml: drop --config and overrides")
                 run, where = resume_run(args.resume)
             else:
                 run, where = create_run(load_config(args.config, args.overrides), args.output)

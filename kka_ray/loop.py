@@ -90,7 +90,10 @@ def init_ray(cfg: KKAConfig) -> bool:
         ray.init(address=address, logging_level=level, log_to_driver=level <= logging.INFO)
     else:
         # "local": a fresh cluster of this config's size, even when `ray start` left one running
-        # on this machine (ray.init() would join that one instead).
+        # on this machine (ray.init() would join that one instead). Ray turns token authentication
+        # on for a new local cluster and says so on every start; the mode stays Ray's choice
+        # (RAY_AUTH_MODE=disabled opts out), the notice is kept off the user's terminal.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(
             address="local",
             num_cpus=cfg.ray.num_cpus,
@@ -150,22 +153,31 @@ class KKARun:
         """Models checked, Ray joined or started, a progress bar; pools and Ray released after."""
         from tqdm.auto import tqdm
 
+        from kka_ray.preflight import RunLock
         from kka_ray.prepare import ensure_default_models
 
         ensure_default_models(self.cfg)
-        started = init_ray(self.cfg)
+        lock = RunLock(self.dir).acquire()  # one driver per run directory
+        try:
+            started = init_ray(self.cfg)
+        except BaseException:
+            lock.release()
+            raise
         bar = tqdm(total=total, initial=done, desc="kka", disable=not self.cfg.run.progress, unit="stage")
         try:
             yield bar
         finally:
-            bar.close()
-            if self.pools is not None:
-                self.pools.shutdown()
-                self.pools = None
-            if started:
-                import ray
+            try:
+                bar.close()
+                if self.pools is not None:
+                    self.pools.shutdown()
+                    self.pools = None
+                if started:
+                    import ray
 
-                ray.shutdown()
+                    ray.shutdown()
+            finally:
+                lock.release()
 
     def execute(self) -> Path:
         """Run (or continue) every stage not yet complete; returns the run directory."""

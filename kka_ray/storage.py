@@ -86,7 +86,7 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.endswith(".tmp")]  # a stage in flight
         for f in filenames:
-            if f.endswith(".tmp"):
+            if f.endswith(".tmp") or f == ".kka.lock":  # a stage in flight; the driver's lock (kka_ray/preflight.py)
                 continue
             p = Path(dirpath) / f
             st = p.stat()
@@ -257,8 +257,10 @@ def new_run_location(cfg: KKAConfig, output: str | None = None) -> RunLocation:
 def create_run(cfg: KKAConfig, output: str | None = None) -> tuple["KKARun", RunLocation]:
     """A new run at its location (`kka run`, jobs/kka_run.py, jobs/generate.py)."""
     from kka_ray.loop import KKARun
+    from kka_ray.preflight import check_new_run
 
     where = new_run_location(cfg, output)
+    check_new_run(cfg, where.local if where.remote is None else None)  # before Ray and before any directory
     if where.remote is None:
         return KKARun.create(cfg, str(where.local)), where
     if where.exists():
@@ -269,14 +271,46 @@ def create_run(cfg: KKAConfig, output: str | None = None) -> tuple["KKARun", Run
     return run, where
 
 
+def check_run(resume: str | None, cfg: KKAConfig | None, output: str | None = None) -> str:
+    """What ``kka run --check`` checks without Ray or writing anything: a new run's config,
+    dataset and output directory, or a local run to resume and its dataset. Returns a summary
+    line; a mistake raises one of ``USER_ERRORS``."""
+    from kka_ray.config import load_config
+    from kka_ray.preflight import check_new_run, check_resume
+
+    if resume is not None:
+        if is_uri(resume):
+            raise ConfigError("--check reads a local run directory; resume the URI itself to check it")
+        if not (Path(resume) / "config.yaml").is_file():
+            raise FileNotFoundError(f"{resume} has no config.yaml: it is not a kka run directory")
+        check_resume(load_config(Path(resume) / "config.yaml"))
+        return f"ok: {resume} can be resumed"
+    assert cfg is not None
+    target = run_target(cfg, output)
+    if target is not None and is_uri(target):
+        filesystem(target)
+        check_new_run(cfg, None)
+        return f"ok: a new run at {target}"
+    from kka_ray.loop import new_run_dir
+
+    run_dir = Path(target) if target is not None else new_run_dir(cfg, output)
+    check_new_run(cfg, run_dir)
+    return f"ok: a new run at {run_dir}"
+
+
 def resume_run(run_dir: str | os.PathLike) -> tuple["KKARun", RunLocation]:
     """An existing run, downloaded first when ``run_dir`` is a URI (`kka run --resume`, jobs)."""
     from kka_ray.loop import KKARun
+    from kka_ray.preflight import check_resume
 
     if is_uri(run_dir):
         where = RunLocation(staging_dir(str(run_dir)), remote=str(run_dir).rstrip("/"))
         where.pull()
         if not (where.local / "config.yaml").is_file():
             raise FileNotFoundError(f"{run_dir} has no config.yaml: it is not a kka run directory")
-        return KKARun.resume(where.local), where
-    return KKARun.resume(run_dir), RunLocation(run_dir)
+        run = KKARun.resume(where.local)
+    else:
+        run, where = KKARun.resume(run_dir), RunLocation(run_dir)
+    if not run.state.data.get("finished"):
+        check_resume(run.cfg)
+    return run, where

@@ -171,11 +171,22 @@ def _default_templates() -> dict[str, PromptTemplate]:
     }
 
 
+# The LoRA ranks vLLM's engine accepts for max_lora_rank (vllm.config.lora.LoRAConfig).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
 class DescriberSection(_Section):
     backend: Literal["transformers", "vllm"] = "transformers"
     model: str = "smollm2-135m-instruct"  # name in the model cache, a local dir, or a hub id
     template: str = "list"
     templates: dict[str, PromptTemplate] = Field(default_factory=_default_templates)
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _vllm_rank(cls, v: int) -> int:
+        if v not in VLLM_LORA_RANKS:
+            raise ValueError(f"vLLM accepts a max LoRA rank in {list(VLLM_LORA_RANKS)}, got {v}")
+        return v
 
     @field_validator("templates", mode="before")
     @classmethod
@@ -196,7 +207,7 @@ class DescriberSection(_Section):
     first_sentence_only: bool = True
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
-    max_lora_rank: int = 16  # vLLM
+    max_lora_rank: int = 16  # vLLM: one of VLLM_LORA_RANKS, at least preference.lora_r
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # vLLM
     resources: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=1, torch_threads=2))
 
@@ -496,6 +507,14 @@ class KKAConfig(_Section):
             )
         return v
 
+    @model_validator(mode="after")
+    def _adapter_fits_vllm(self) -> "KKAConfig":
+        if self.describer.backend == "vllm" and self.preference.lora_r > self.describer.max_lora_rank:
+            raise ValueError(f"preference.lora_r {self.preference.lora_r} is above describer.max_lora_rank "
+                             f"{self.describer.max_lora_rank}: vLLM could not load the adapter; raise "
+                             "describer.max_lora_rank or lower preference.lora_r")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -540,9 +559,10 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def _format_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        field = ".".join(str(p) for p in e["loc"])
         msg = "unknown field (check its spelling against `kka config`)" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"config field '{field}': {msg}")
+        # a check across sections names its fields in the message itself
+        lines.append(f"config field '{field}': {msg}" if field else f"config: {msg.removeprefix('Value error, ')}")
     return "; ".join(lines)
 
 

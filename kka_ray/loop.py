@@ -130,6 +130,8 @@ class KKARun:
         self._guard_cache = None
         # called with a stage's name once it is recorded (kka_ray/storage.py uploads the run there)
         self.on_stage_done = None
+        # the storage URI this directory is a staging copy of (kka_ray/storage.py), else None
+        self.staging_for: str | None = None
 
     # ------------------------------------------------------------------ entry points
     @classmethod
@@ -158,9 +160,20 @@ class KKARun:
 
         ensure_default_models(self.cfg)
         lock = RunLock(self.dir).acquire()  # one driver per run directory
+        started = False
         try:
             started = init_ray(self.cfg)
+            if self.staging_for is not None:
+                import ray
+
+                from kka_ray.storage import check_staging_cluster
+
+                check_staging_cluster(self.staging_for, sum(bool(n.get("Alive")) for n in ray.nodes()))
         except BaseException:
+            if started:
+                import ray
+
+                ray.shutdown()
             lock.release()
             raise
         bar = tqdm(total=total, initial=done, desc="kka", disable=not self.cfg.run.progress, unit="stage")
@@ -517,7 +530,7 @@ class KKARun:
         shift it caused, measured on fixed held-out prompts and seeds."""
         import ray
 
-        from kka_ray.generation.pipeline import role_options
+        from kka_ray.generation.pipeline import one_shot_task
         from kka_ray.generation.text import resolve_model_path
         from kka_ray.knowledge.prompts import resolve_template
         from kka_ray.preference.dpo import dpo_remote_entry
@@ -541,13 +554,12 @@ class KKARun:
         shift_before = self._shift_set(k - 1) if cfg.preference.shift_prompts else None
         out = self.dir / "adapters" / f"iter_{k}"
         base = resolve_model_path(cfg.describer.model, str(cfg.paths.cache_dir()))
-        task = ray.remote(dpo_remote_entry).options(**role_options(cfg.preference.resources), max_retries=0)
-        from kka_ray.devices import resolve_device
-
-        metrics = ray.get(task.remote(
+        task = one_shot_task(dpo_remote_entry, cfg.preference.resources)
+        metrics = ray.get(task.remote(  # the device is resolved where the task runs, not on the driver
             base_model=base, pairs=pairs, out_dir=str(out), cfg=cfg.preference,
             prev_adapter=self.state.data.get("adapter_path"), answer_prefix=cfg.describer.answer_prefix,
-            seed=cfg.run.seed + k, device=resolve_device(cfg.run.device), chat=resolve_template(cfg.describer).chat,
+            seed=cfg.run.seed + k, device=cfg.run.device, chat=resolve_template(cfg.describer).chat,
+            trust_remote_code=cfg.describer.trust_remote_code,
         ))
         if self.pools is not None:  # else the next ensure_pools() loads it from the state
             self.pools.load_adapter(str(out), k)

@@ -194,6 +194,7 @@ class RunLocation:
             body()
             return str(run.dir)
         run.on_stage_done = lambda _stage: self.push()
+        run.staging_for = self.remote
         try:
             body()
         except BaseException:
@@ -208,6 +209,18 @@ class RunLocation:
         if cleanup:
             self.cleanup()
         return self.remote
+
+
+def check_staging_cluster(uri: str, alive_nodes: int) -> None:
+    """A run kept at a storage URI works in a staging copy on the driver's node; other nodes write
+    into the run directory (Ray Data's Parquet, the DPO adapter, Ray Train checkpoints) and cannot
+    reach that copy, so a URI is refused on a cluster of more than one node."""
+    if alive_nodes > 1:
+        raise ConfigError(
+            f"run.storage_path {uri} is a URI, and the run works in a staging copy on the driver's node, which the "
+            f"other {alive_nodes - 1} node(s) of this cluster cannot write to: set run.storage_path to a directory "
+            "every node mounts (e.g. /mnt/shared/kka), or run on one node"
+        )
 
 
 def _run_name(cfg: KKAConfig, output: str | None, submission_id: str | None = None) -> str:

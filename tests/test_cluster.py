@@ -413,6 +413,23 @@ def test_runtime_envs_are_valid_and_gpu_env_installs_the_project_deps():
     assert gpu["config"]["setup_timeout_seconds"] >= 1200
 
 
+def test_the_gpu_cluster_installs_what_gpu_yaml_uses(gpu_cfg):
+    """The GPU runtime env (pyproject's dependencies and `gpu` extra) carries DeepSpeed when
+    gpu.yaml turns it on for DPO, a vLLM range with an upper bound, and a diffusers that passes
+    drawer.dtype on to the pipeline (0.40 and later)."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    gpu = {Requirement(r).name: Requirement(r) for r in _load(CLUSTER / "runtime_env.gpu.yaml")["pip"]}
+    if gpu_cfg.preference.deepspeed.enabled:
+        assert "deepspeed" in gpu, "gpu.yaml enables DeepSpeed ZeRO but the GPU cluster would not install deepspeed"
+    vllm = gpu["vllm"].specifier
+    assert any(s.operator == "<" for s in vllm), f"vllm {vllm} has no upper bound"
+    assert not vllm.contains("0.33.0")  # moves to torch 2.14 and transformers<5.21
+    floor = [Version(s.version) for s in gpu["diffusers"].specifier if s.operator == ">="]
+    assert floor and floor[0] >= Version("0.40"), "diffusers before 0.40 ignores drawer.dtype"
+
+
 def test_autoscaler_yaml_passes_rays_schema_and_checks():
     import jsonschema
     import ray.autoscaler

@@ -70,3 +70,14 @@ def test_unknown_template_name_is_an_error():
 def test_placement_strategy_needs_resources_to_reserve():
     with pytest.raises(ConfigError, match="drawer.resources.*placement_strategy needs"):
         load_config(overrides=["drawer.resources.num_cpus=0", "drawer.resources.placement_strategy=PACK"])
+
+
+def test_vllm_lora_ranks_are_checked():
+    with pytest.raises(ConfigError, match="'describer.max_lora_rank'.*320"):
+        load_config(overrides=["describer.max_lora_rank=12"])
+    # an adapter vLLM could not load: its rank above the engine's maximum
+    with pytest.raises(ConfigError, match="preference.lora_r 32 is above describer.max_lora_rank 16") as err:
+        load_config(overrides=["describer.backend=vllm", "preference.lora_r=32"])
+    assert "<root>" not in str(err.value)
+    assert load_config(overrides=["describer.backend=vllm", "preference.lora_r=32", "describer.max_lora_rank=32"])
+    assert load_config(overrides=["preference.lora_r=32"])  # transformers loads any rank

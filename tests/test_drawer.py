@@ -292,3 +292,11 @@ def test_build_pixel_drawer_around_a_text_encoder_dir(tiny_dir, tmp_path):
     assert images[0].size == (8, 8)
     with pytest.raises(ValueError, match="multiple of 4"):
         make_pixel_unet(image_size=30, channels=1, cross_attention_dim=32, block_out_channels=(8, 16, 16))
+
+
+def test_drawer_dtype_reaches_the_pipeline(tiny_dir):
+    """drawer.dtype is passed as diffusers' `dtype` (ignored before diffusers 0.40)."""
+    pipe = load_image_pipeline(str(tiny_dir), str(tiny_dir.parent), dtype="bfloat16")
+    dtypes = {p.dtype for name in ("unet", "text_encoder") if getattr(pipe, name, None) is not None
+              for p in getattr(pipe, name).parameters()}
+    assert dtypes == {torch.bfloat16}

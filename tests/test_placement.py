@@ -203,3 +203,59 @@ def test_unplaceable_pool_fails_naming_the_role(cluster):
     assert "PENDING" not in states and "REMOVED" in states, "the unplaceable group is removed, not left pending"
     with pytest.raises(ValueError, match="placement_strategy needs"):
         start_pool("drawer", _probe_class(), RoleResources(num_cpus=0, placement_strategy="PACK"))
+
+
+def test_one_shot_tasks_get_a_fresh_worker_process_each(cluster):
+    """DPO's task runs with max_calls=1: a reused worker would keep a stale CUDA context."""
+    import ray
+
+    from kka_ray.generation.pipeline import one_shot_task
+
+    def _pid() -> int:  # defined here so that Ray ships it by value
+        import os
+
+        return os.getpid()
+
+    res = RoleResources(num_cpus=1, resources={"kka_trainer": 1})
+    task = one_shot_task(_pid, res)
+    first, second = ray.get(task.remote()), ray.get(task.remote())
+    assert first != second
+    plain = ray.remote(_pid).options(num_cpus=1, resources={"kka_trainer": 1})
+    assert ray.get(plain.remote()) == ray.get(plain.remote()), "a plain task reuses its worker (the control)"
+
+
+def test_two_describers_share_a_generation_whose_prompts_fit_one_call(cluster, tiny_cache, tmp_path):
+    """All prompts fit one describer call (as with gpu.yaml): each of two replicas still describes."""
+    import ray
+
+    from kka_ray.generation.pipeline import ResidentPools, read_generated, run_generation
+
+    cfg = load_config(None, [*tiny_overrides(tiny_cache), "describer.resources.replicas=2", "describer.batch_size=64",
+                             "describer.resources.num_cpus=1", "drawer.resources.num_cpus=1"])
+    assert cfg.describer.batch_size // cfg.describer.samples_per_prompt >= cfg.describer.num_prompts
+    prompts = [{"prompt_id": i, "prompt": f"Describe item {i}:", "description": f"item {i}", "cluster": 0}
+               for i in range(cfg.describer.num_prompts)]
+    pools = ResidentPools.start(cfg, target_size=16, target_mode="L")
+    try:
+        result = run_generation(cfg, pools, prompts, 1, "t", tmp_path / "gen")
+        per_replica = [s["iteration_counts"]["generated"] for s in ray.get([a.stats.remote() for a in pools.describers])]
+    finally:
+        pools.shutdown()
+    assert sum(per_replica) == result["n_generated"] == cfg.describer.num_prompts * cfg.describer.samples_per_prompt
+    assert all(n > 0 for n in per_replica), per_replica
+    table = read_generated(tmp_path / "gen")
+    keys = list(zip(table.column("prompt_id").to_pylist(), table.column("sample_idx").to_pylist()))
+    assert len(keys) == len(set(keys))
+
+
+def test_a_storage_uri_is_refused_on_a_multi_node_cluster(cluster, tiny_cache, tmp_path):
+    from kka_ray.config import ConfigError
+    from kka_ray.loop import KKARun
+    from kka_ray.preflight import RunLock
+
+    run = KKARun.create(load_config(None, tiny_overrides(tiny_cache)), str(tmp_path / "staging"))
+    run.staging_for = "s3://bucket/kka/run"
+    with pytest.raises(ConfigError, match=r"s3://bucket/kka/run is a URI.*other 4 node\(s\)"):
+        run.execute()
+    RunLock(run.dir).acquire().release()  # the refused driver let go of the run directory
+    assert not (run.dir / "state.json").exists()

@@ -32,7 +32,6 @@ import numpy as np
 
 from kka_ray.config import KKAConfig, RoleResources
 from kka_ray.data.store import anomaly_id, item_seed
-from kka_ray.devices import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -111,22 +110,47 @@ def start_pool(
     return actors, pg
 
 
+def one_shot_task(fn: Any, res: RoleResources) -> Any:
+    """``fn`` as a Ray task with the role's resources, run in a fresh worker process each time
+    (``max_calls=1``: a reused worker would keep a stale CUDA context and process group) and not
+    retried by Ray (a failed stage is rerun by ``--resume``)."""
+    import ray
+
+    return ray.remote(max_calls=1)(fn).options(**role_options(res), max_retries=0)
+
+
+class ProxyCounter:
+    """Hands out 0, 1, 2, ...: each Ray Data proxy of a pool takes the next number at start."""
+
+    def __init__(self) -> None:
+        self.n = -1
+
+    def next(self) -> int:
+        self.n += 1
+        return self.n
+
+
 class _RoundRobinProxy:
-    """Forwards each batch to one of the resident actors (least recently used first)."""
+    """Forwards batches to the resident actors. Ray Data runs as many proxies as there are actors;
+    proxy ``i`` (numbered by a shared counter) sends every batch to actor ``i``, so each actor has
+    its own proxy and Ray Data's balancing across proxies is balancing across actors (a random
+    start let two proxies queue on one actor while another idled). Without a counter a proxy
+    cycles through the actors."""
 
     method = ""
 
-    def __init__(self, handles: list[Any]):
-        import random
+    def __init__(self, handles: list[Any], counter: Any = None):
+        import ray
 
         self.handles = list(handles)
-        self.next = random.randrange(len(self.handles))
+        self.next = int(ray.get(counter.next.remote())) if counter is not None else 0
+        self.stride = 0 if counter is not None else 1
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import ray
 
         handle = self.handles[self.next % len(self.handles)]
-        self.next += 1
+        self.next += self.stride
         return ray.get(getattr(handle, self.method).remote(batch))
 
 
@@ -154,7 +178,7 @@ class ResidentPools:
         from kka_ray.generation.drawer import Drawer
 
         cache = str(cfg.paths.cache_dir())
-        device = resolve_device(cfg.run.device)
+        device = cfg.run.device  # resolved inside each actor: the driver's node may have no GPU
         describers, d_pg = start_pool("describer", Describer, cfg.describer.resources, (cfg.describer, cache, device))
         try:
             drawers, w_pg = start_pool(
@@ -272,12 +296,16 @@ def run_generation(
     rows = prompt_rows(prompts, cfg.run.seed, iteration)
     # A batch of describer rows is all prompts of one describer call: the describer batches
     # prompts x samples itself, so hand it as many prompts as fit its batch size.
-    prompts_per_call = max(1, cfg.describer.batch_size // cfg.describer.samples_per_prompt)
+    # At least one call per describer replica, so none idles while another describes everything.
+    prompts_per_call = max(1, min(cfg.describer.batch_size // cfg.describer.samples_per_prompt,
+                                  -(-len(rows) // len(pools.describers))))
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // prompts_per_call)))
+    counter = ray.remote(ProxyCounter).options(num_cpus=0)
     ds = ds.map_batches(
         DescriberProxy,
-        fn_constructor_kwargs={"handles": pools.describers},
-        compute=ActorPoolStrategy(size=len(pools.describers)),
+        fn_constructor_kwargs={"handles": pools.describers, "counter": counter.remote()},
+        # one block at a time per proxy: a proxy that started first must not queue every block
+        compute=ActorPoolStrategy(size=len(pools.describers), max_tasks_in_flight_per_actor=1),
         batch_size=prompts_per_call,
         batch_format="numpy",
         num_cpus=PROXY_NUM_CPUS,
@@ -286,8 +314,8 @@ def run_generation(
                         compute=ActorPoolStrategy(size=1), batch_format="numpy", num_cpus=PROXY_NUM_CPUS)
     ds = ds.map_batches(
         DrawerProxy,
-        fn_constructor_kwargs={"handles": pools.drawers},
-        compute=ActorPoolStrategy(size=len(pools.drawers)),
+        fn_constructor_kwargs={"handles": pools.drawers, "counter": counter.remote()},
+        compute=ActorPoolStrategy(size=len(pools.drawers), max_tasks_in_flight_per_actor=1),
         batch_size=cfg.drawer.batch_size,
         batch_format="numpy",
         num_cpus=PROXY_NUM_CPUS,

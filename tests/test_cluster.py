@@ -413,6 +413,19 @@ def test_runtime_envs_are_valid_and_gpu_env_installs_the_project_deps():
     assert gpu["config"]["setup_timeout_seconds"] >= 1200
 
 
+def test_every_trained_detector_gets_a_gpu_in_gpu_yaml(gpu_cfg):
+    from kka_ray.evaluation.runner import trained_sections
+
+    sections = trained_sections()
+    assert {"", "simplenet.", "recontrast."} <= set(sections)
+    for prefix in sections:
+        sec = gpu_cfg.detector
+        for part in filter(None, prefix.split(".")):
+            sec = getattr(sec, part)
+        assert sec.use_gpu and sec.resources_per_worker.get("GPU", 0) > 0, f"detector.{prefix}use_gpu"
+        assert sec.resources_per_worker.get("kka_trainer", 0) > 0, f"detector.{prefix} must land on a trainer node"
+
+
 def test_the_gpu_cluster_installs_what_gpu_yaml_uses(gpu_cfg):
     """The GPU runtime env (pyproject's dependencies and `gpu` extra) carries DeepSpeed when
     gpu.yaml turns it on for DPO, a vLLM range with an upper bound, and a diffusers that passes

@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
 
     add_archive_parsers(sub)
 
+    from kka_ray.cost import add_parser as add_cost_parser
+
+    add_cost_parser(sub)
+
     from kka_ray.evaluation.cli import add_parser as add_eval_parser
 
     add_eval_parser(sub)
@@ -143,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(unpack_run(args.archive, args.dest))
             except (ValueError, OSError, tarfile.TarError) as err:  # missing, occupied, or not a run archive
                 raise ConfigError(str(err)) from None
+        elif args.command == "cost":
+            from kka_ray.cost import cost_main
+
+            return cost_main(args)
         elif args.command in ("status", "stop", "logs"):
             from kka_ray.submit import cli_command
 

@@ -477,6 +477,25 @@ class JobSection(_Section):
     excludes: list[str] = Field(default_factory=list, description="more paths kept out of the upload")
 
 
+class CostSection(_Section):
+    """Prices that turn resource-seconds into money (kka_ray/cost.py, `kka cost`). They are inputs,
+    not facts: the defaults are round example figures of on-demand cloud list prices, to be set to
+    what your cluster costs. A role's GPUs are priced by its accelerator type when its Ray resources
+    name one (``accelerator_type:H100``), else at ``gpu_per_hour``."""
+
+    currency: str = "USD"
+    cpu_per_hour: float = Field(0.05, ge=0, description="one CPU (vCPU) for an hour")
+    gpu_per_hour: float = Field(2.0, ge=0, description="one GPU of an unnamed type for an hour")
+    accelerators: dict[str, float] = Field(
+        default_factory=lambda: {"H100": 4.0, "H200": 5.0, "A100": 2.5, "A10G": 1.0, "L4": 0.8, "T4": 0.4},
+        description="one GPU of this Ray accelerator type for an hour")
+
+    def gpu_price(self, accelerator: str | None) -> float:
+        if accelerator is None:
+            return self.gpu_per_hour
+        return self.accelerators.get(accelerator, self.gpu_per_hour)
+
+
 class ReportSection(_Section):
     grid_size: int = Field(16, ge=1)
 
@@ -495,6 +514,7 @@ class KKAConfig(_Section):
     preference: PreferenceSection = Field(default_factory=PreferenceSection)
     detector: DetectorSection = Field(default_factory=DetectorSection)
     report: ReportSection = Field(default_factory=ReportSection)
+    cost: CostSection = Field(default_factory=CostSection)
     job: JobSection = Field(default_factory=JobSection)
 
     @field_validator("describer")

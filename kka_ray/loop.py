@@ -667,6 +667,12 @@ class KKARun:
         # what one kept anomaly and one hard anomaly cost in CPU-seconds this iteration
         row["cpu_seconds_per_anomaly"] = row["resource_seconds"]["cpu"] / row["n_kept"] if row["n_kept"] else None
         row["cpu_seconds_per_hard_anomaly"] = row["resource_seconds"]["cpu"] / row["n_hard"] if row["n_hard"] else None
+        row["gpu_seconds_per_anomaly"] = row["resource_seconds"]["gpu"] / row["n_kept"] if row["n_kept"] else None
+        row["gpu_seconds_per_hard_anomaly"] = row["resource_seconds"]["gpu"] / row["n_hard"] if row["n_hard"] else None
+        # the same in money at the cost section's prices (kka_ray/cost.py; `kka cost` reprices)
+        from kka_ray.cost import iteration_cost
+
+        row.update(iteration_cost(self.cfg, row["stage_seconds"], row["n_kept"], row["n_hard"]))
         return row
 
     def _write_metrics(self) -> None:

@@ -34,24 +34,48 @@ def detection_metrics(targets: np.ndarray, scores: np.ndarray) -> dict[str, floa
     }
 
 
-def stage_resources(cfg: Any, stage: str) -> tuple[float, float]:
-    """(CPUs, GPUs) a stage of the loop holds, from the roles' declared Ray resources."""
+def _accelerator(resources: dict[str, float]) -> str | None:
+    """The accelerator type a role asks Ray for (``accelerator_type:H100`` in its resources)."""
+    for key in resources:
+        if key.startswith("accelerator_type:"):
+            return key.split(":", 1)[1]
+    return None
+
+
+def stage_holdings(cfg: Any, stage: str) -> list[tuple[float, float, str | None]]:
+    """What a stage of the loop holds, role by role: (CPUs, GPUs, accelerator type or None),
+    from the roles' declared Ray resources."""
     if stage == "generate":
-        roles = (cfg.describer.resources, cfg.drawer.resources)
-        return (sum(r.num_cpus * r.replicas for r in roles), sum(r.num_gpus * r.replicas for r in roles))
+        return [(r.num_cpus * r.replicas, r.num_gpus * r.replicas, _accelerator(r.resources))
+                for r in (cfg.describer.resources, cfg.drawer.resources)]
     if stage in ("evaluate", "detect"):
         # the detector's own section (SimpleNet, ReContrast); Deep SAD's fields sit on the detector itself
         sec = cfg.evaluator if stage == "evaluate" else getattr(cfg.detector, cfg.detector.name, cfg.detector)
         if not hasattr(sec, "num_workers"):  # SSD: no Ray Train run, the driver scores it
-            return 1.0, 0.0
-        return (sec.num_workers * sec.resources_per_worker.get("CPU", 1.0),
-                sec.num_workers * (sec.resources_per_worker.get("GPU", 1.0) if sec.use_gpu else 0.0))
+            return [(1.0, 0.0, None)]
+        rpw = sec.resources_per_worker
+        return [(sec.num_workers * rpw.get("CPU", 1.0), sec.num_workers * (rpw.get("GPU", 1.0) if sec.use_gpu else 0.0),
+                 _accelerator(rpw))]
     if stage == "guard":  # the feature-extractor pool; the guard's rules run on the driver
         k = cfg.knowledge.resources
-        return k.num_cpus * k.replicas, k.num_gpus * k.replicas
+        return [(k.num_cpus * k.replicas, k.num_gpus * k.replicas, _accelerator(k.resources))]
     if stage == "preference":
-        return cfg.preference.resources.num_cpus, cfg.preference.resources.num_gpus
-    return 1.0, 0.0  # driver-side stages (prep, update)
+        r = cfg.preference.resources
+        return [(r.num_cpus, r.num_gpus, _accelerator(r.resources))]
+    return [(1.0, 0.0, None)]  # driver-side stages (prep, baselines, audit, update)
+
+
+def stage_resources(cfg: Any, stage: str) -> tuple[float, float]:
+    """(CPUs, GPUs) a stage of the loop holds, from the roles' declared Ray resources."""
+    held = stage_holdings(cfg, stage)
+    return sum(h[0] for h in held), sum(h[1] for h in held)
+
+
+def stage_money(cfg: Any, stage: str, seconds: float | None, prices: Any) -> float:
+    """What ``seconds`` of ``stage`` cost at ``prices`` (a CostSection): each role's CPUs at the
+    CPU price, its GPUs at its accelerator type's price (or the generic GPU price)."""
+    per_hour = sum(c * prices.cpu_per_hour + g * prices.gpu_price(acc) for c, g, acc in stage_holdings(cfg, stage))
+    return per_hour * (seconds or 0.0) / 3600.0
 
 
 def resource_seconds(cfg: Any, stage_seconds: dict[str, float | None]) -> dict[str, float]:

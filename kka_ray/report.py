@@ -171,10 +171,14 @@ def write_report(run_dir: str | Path) -> Path:
     normal_names = ", ".join(normal) if normal else str(cfg.data.normal_classes or "the dataset's default class")
     head = ["iteration", "n_generated", "n_kept", "n_anomalies", "hard_fraction", "normal_leak", "coverage",
             "evaluator_new_auroc", "auroc", "aupr", "fpr95", "n_pairs", "dpo_last_loss", "cpu_seconds_per_anomaly",
-            "cpu_seconds_per_hard_anomaly"]
+            "cpu_seconds_per_hard_anomaly", "gpu_seconds_per_hard_anomaly", "cost_per_anomaly", "cost_per_hard_anomaly"]
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))  # noqa: E731
     table_html = "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(
         "<tr>" + "".join(f"<td>{fmt(m.get(h))}</td>" for h in head) + "</tr>" for m in metrics) + "</table>"
+    currency = metrics[0].get("currency") if metrics else None
+    if currency:
+        table_html += (f"<p>cost_*: {html.escape(currency)} at the run's <code>cost</code> prices (inputs, not facts: "
+                       "<code>kka cost RUN --prices FILE</code> reprices the run; by stage there).</p>")
     table_html += _shift_table(metrics)
     base_html = "".join(f"<li>{html.escape(k)}: AUROC {v['auroc']*100:.2f}</li>" for k, v in baselines.items()
                         if isinstance(v, dict) and "auroc" in v)

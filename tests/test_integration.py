@@ -45,6 +45,13 @@ def test_two_iterations_fill_the_run_directory(finished_run):
         assert r["n_kept"] + sum(r["guard_drops"].values()) == r["n_drawn"]
         assert r["resource_seconds"]["cpu"] >= sum(r["stage_seconds"].values())  # every stage holds >= 1 CPU
         assert r["cpu_seconds_per_anomaly"] == pytest.approx(r["resource_seconds"]["cpu"] / r["n_kept"])
+        # money at the default prices: CPUs only here, generate holds the describer's and the drawer's
+        cfg = load_config(out / "config.yaml")
+        assert (cfg.describer.resources.num_cpus, cfg.drawer.resources.num_cpus, r["resource_seconds"]["gpu"]) == (1, 1, 0)
+        by_hand = cfg.cost.cpu_per_hour / 3600 * (sum(r["stage_seconds"].values()) + r["stage_seconds"]["generate"])
+        assert r["cost"] == pytest.approx(by_hand) and r["currency"] == "USD"
+        assert r["cost_per_anomaly"] == pytest.approx(by_hand / r["n_kept"])
+        assert r["cost_per_hard_anomaly"] == (pytest.approx(by_hand / r["n_hard"]) if r["n_hard"] else None)
     # add: the set grows by what each iteration kept
     assert rows[1]["n_anomalies"] == rows[0]["n_kept"] + rows[1]["n_kept"]
 
@@ -138,7 +145,7 @@ def test_kka_eval_writes_the_tables_from_a_finished_run(finished_run, tmp_path, 
 
 
 
-def test_a_packed_run_unpacks_elsewhere_and_evaluates_as_the_original(finished_run, tmp_path):
+def test_a_packed_run_unpacks_elsewhere_and_evaluates_as_the_original(finished_run, tmp_path, capsys):
     """``kka pack`` drops the bulk (normal features, checkpoints); after ``kka unpack`` the features
     are recomputed bit for bit and a detector scores exactly as on the original run. The
     Fashion-MNIST benchmark's per-fit records restore onto the unpacked run by anomaly-set digest."""
@@ -234,6 +241,22 @@ def test_a_packed_run_unpacks_elsewhere_and_evaluates_as_the_original(finished_r
     unpack_run(packed, other)
     tampered = [{**r, "set_digest": "0" * 12} if r["iteration"] == 2 else r for r in records]
     assert fmnist_table.restore_fits(other, tampered) == (2, 1)
+
+    # `kka cost`: both runs side by side, repriced from a file, figures by hand from the stage records
+    prices = tmp_path / "prices.yaml"
+    prices.write_text("cost: {cpu_per_hour: 3.6, currency: EUR}\n")
+    assert main(["cost", str(finished_run), str(copy), "--prices", str(prices), "--json"]) == 0
+    costed = json.loads(capsys.readouterr().out)
+    assert [c["run"] for c in costed] == [finished_run.name, copy.name] and costed[0]["currency"] == "EUR"
+    for c, run in zip(costed, (finished_run, copy)):
+        secs = {f.stem: json.loads(f.read_text())["wall_seconds"] for f in (run / "stages").glob("*.json")}
+        cpu_s = sum(secs.values()) + sum(v for k, v in secs.items() if k.endswith(".generate"))
+        assert c["money"] == pytest.approx(cpu_s * 3.6 / 3600) and c["cpu_seconds"] == pytest.approx(cpu_s)
+        assert c["money_per_hard_anomaly"] == (pytest.approx(c["money"] / c["hard"]) if c["hard"] else None)
+        assert sum(d["money"] for d in c["stages"].values()) == pytest.approx(c["money"])
+    assert main(["cost", str(finished_run), str(copy)]) == 0
+    table = capsys.readouterr().out
+    assert f"| {finished_run.name} | 2 |" in table and f"| {copy.name} | 2 |" in table and "| preference |" in table
 
     # the KKA(k) ablation: KKA(0) from the run's baselines, KKA(k) and the split from its metrics
     metrics = [json.loads(line) for line in (moved / "metrics.jsonl").read_text().splitlines() if line.strip()]

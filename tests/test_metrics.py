@@ -55,3 +55,20 @@ def test_detect_stage_resources_follow_the_configured_detector():
                                        "detector.simplenet.resources_per_worker={CPU: 4}"])
     assert stage_resources(simplenet, "detect") == (8.0, 0.0)
     assert stage_resources(load_config(overrides=["detector.name=ssd", "detector.num_workers=3"]), "detect") == (1.0, 0.0)
+
+
+def test_money_prices_each_roles_gpus_by_its_accelerator_type():
+    from kka_ray.config import load_config
+    from kka_ray.metrics import stage_money
+
+    cfg = load_config(overrides=[
+        "describer.resources.num_gpus=1", "describer.resources.replicas=2",
+        "describer.resources.resources={accelerator_type:H100: 0.001}",
+        "drawer.resources.num_gpus=1", "drawer.resources.resources={accelerator_type:A10G: 0.001}",
+        "cost.cpu_per_hour=0.1", "cost.gpu_per_hour=9.0", "cost.accelerators={H100: 4.0, A10G: 1.0}"])
+    # an hour of generating: 2 describers (1 CPU + 1 H100 each) + 1 drawer (1 CPU + 1 A10G)
+    assert stage_money(cfg, "generate", 3600.0, cfg.cost) == pytest.approx(3 * 0.1 + 2 * 4.0 + 1 * 1.0)
+    # a GPU whose type has no price, or no type at all, costs gpu_per_hour
+    plain = load_config(overrides=["preference.resources.num_gpus=2", "cost.cpu_per_hour=0.1", "cost.gpu_per_hour=9.0"])
+    assert stage_money(plain, "preference", 1800.0, plain.cost) == pytest.approx((0.1 + 2 * 9.0) / 2)
+    assert stage_money(plain, "update", None, plain.cost) == 0.0

@@ -50,6 +50,8 @@ class RoleResources(_Section):
     env_vars: dict[str, str] = Field(
         default_factory=dict, description="environment variables of the role's actors and tasks (runtime_env)"
     )
+    max_restarts: int = Field(3, ge=0, description="describer, drawer: times Ray restarts a resident actor that "
+                              "dies (it reloads its model and the current adapter); the batch in flight is retried")
 
     @model_validator(mode="after")
     def _bundle_not_empty(self) -> "RoleResources":

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kka_ray.generation.parsing import DROP_REASONS, parse_descriptions
+from kka_ray.generation.parsing import DROP_REASONS, description_key, parse_descriptions
 
 if TYPE_CHECKING:
     from kka_ray.config import DescriberSection
@@ -58,6 +58,7 @@ class Describer:
         self._seen: set[str] = set()
         self._total = _zero_counts()
         self._iter = _zero_counts()
+        self._fresh = True  # no batch described yet: a restarted actor takes its filter from the ledger
 
     # ------------------------------------------------------------------ actor API
 
@@ -94,7 +95,18 @@ class Describer:
 
     # ------------------------------------------------------------------ generation
 
-    def describe(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def describe(self, batch: dict[str, np.ndarray], adapter: tuple[str | None, int] | None = None,
+                 ledger: Any = None) -> dict[str, np.ndarray]:
+        """Descriptions for a batch of prompt rows. ``adapter`` (path, version): the adapter the
+        pool holds, loaded first if this actor lacks it (after a restart it has the base model);
+        ``ledger``: a GenerationLedger actor that gets this batch's counts."""
+        if adapter is not None and int(adapter[1]) != self.adapter_version():
+            self.load_adapter(adapter[0], int(adapter[1]))
+        if self._fresh and ledger is not None:
+            import ray
+
+            self._seen.update(description_key(t) for t in ray.get(ledger.kept_texts.remote("describer")))
+        self._fresh = False
         missing = [c for c in INPUT_COLUMNS if c not in batch]
         if missing:
             raise KeyError(
@@ -129,6 +141,13 @@ class Describer:
                 rows.extend((i, k, text) for k, text in enumerate(parsed) if text is not None)
         seconds = time.perf_counter() - start
         counts["kept"] = len(rows)
+        batch_counts = {"generated": counts["generated"], "kept": counts["kept"], "generate_seconds": seconds,
+                        **{f"dropped_{r}": counts[r] for r in DROP_REASONS}}
+        if ledger is not None:  # keyed by the batch's rows: a retried batch overwrites its record
+            import ray
+
+            key = (int(cols["seed"][0]), *sorted(int(x) for x in cols["prompt_id"])) if n_rows else ()
+            ray.get(ledger.record.remote("describer", str(key), batch_counts, [r[2] for r in rows]))
         for target in (self._total, self._iter):
             target["generated"] += counts["generated"]
             target["kept"] += counts["kept"]

@@ -15,7 +15,7 @@ import io
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -106,8 +106,10 @@ class Drawer:
             image = image.resize((width, height), Image.Resampling.BICUBIC)
         return image
 
-    def draw(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Images for a batch of descriptions: kept rows of every input column plus ``image`` (PNG bytes)."""
+    def draw(self, batch: dict[str, np.ndarray], ledger: Any = None) -> dict[str, np.ndarray]:
+        """Images for a batch of descriptions: kept rows of every input column plus ``image`` (PNG
+        bytes). ``ledger``: a GenerationLedger actor that gets this batch's counts."""
+        before = dict(self._stats)
         missing = [c for c in ("text", "seed") if c not in batch]
         if missing:
             raise KeyError(f"drawer batch lacks column(s) {missing}; it has {sorted(batch)}")
@@ -138,6 +140,11 @@ class Drawer:
         dropped = len(valid) - len(kept_rows)
         if dropped:
             logger.info("drawer dropped %d blank image(s) of %d", dropped, len(valid))
+        if ledger is not None:  # keyed by the batch's rows: a retried batch overwrites its record
+            import ray
+
+            key = str(sorted(str(x) for x in batch["id"])) if "id" in batch else str((len(texts), seeds.tolist()))
+            ray.get(ledger.record.remote("drawer", key, {k: self._stats[k] - before[k] for k in self._stats}))
 
         index = np.asarray(kept_rows, dtype=np.int64)
         out = {name: np.asarray(col)[index] for name, col in batch.items()}

@@ -78,7 +78,8 @@ def start_pool(
     """
     import ray
 
-    opts = role_options(res)
+    # a resident actor that dies is restarted by Ray and the call in flight retried on it
+    opts = {**role_options(res), "max_restarts": res.max_restarts, "max_task_retries": res.max_restarts}
     remote_cls = ray.remote(actor_cls)
     if res.placement_strategy is None:
         return [remote_cls.options(**opts).remote(*args) for _ in range(res.replicas)], None
@@ -139,19 +140,49 @@ class _RoundRobinProxy:
 
     method = ""
 
-    def __init__(self, handles: list[Any], counter: Any = None):
+    def __init__(self, handles: list[Any], counter: Any = None, call_kwargs: dict[str, Any] | None = None):
         import ray
 
         self.handles = list(handles)
         self.next = int(ray.get(counter.next.remote())) if counter is not None else 0
         self.stride = 0 if counter is not None else 1
+        self.call_kwargs = dict(call_kwargs or {})
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import ray
 
         handle = self.handles[self.next % len(self.handles)]
         self.next += self.stride
-        return ray.get(getattr(handle, self.method).remote(batch))
+        return ray.get(getattr(handle, self.method).remote(batch, **self.call_kwargs))
+
+
+class GenerationLedger:
+    """The counts of one generation, batch by batch, kept outside the resident actors: a batch
+    retried on a restarted actor overwrites its own record (keyed by the batch's rows), so the
+    drops are counted once, also across a crash that lost the actor's own counters."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, dict[Any, dict[str, float]]] = {"describer": {}, "drawer": {}}
+        self.texts: dict[Any, list[str]] = {}
+
+    def record(self, role: str, key: Any, counts: dict[str, float], texts: list[str] | None = None) -> None:
+        self.records.setdefault(role, {})[key] = dict(counts)
+        if texts is not None:
+            self.texts[(role, key)] = list(texts)
+
+    def kept_texts(self, role: str) -> list[str]:
+        """The texts kept so far (a restarted describer's duplicate filter starts from them)."""
+        return [t for (r, _), texts in self.texts.items() if r == role for t in texts]
+
+    def totals(self, role: str) -> dict[str, float]:
+        return _sum_stats(list(self.records.get(role, {}).values()))
+
+    def n_batches(self, role: str) -> int:
+        return len(self.records.get(role, {}))
+
+    def reset(self) -> None:
+        self.records = {"describer": {}, "drawer": {}}
+        self.texts = {}
 
 
 class DescriberProxy(_RoundRobinProxy):
@@ -169,6 +200,10 @@ class ResidentPools:
     describers: list[Any]
     drawers: list[Any]
     placement_groups: list[Any] = field(default_factory=list)
+    # the adapter the describers hold (path, version); sent with every batch, so an actor that
+    # was restarted (with the base model) loads it again before describing
+    adapter: tuple[str | None, int] = (None, 0)
+    ledger: Any = None  # a GenerationLedger actor
 
     @classmethod
     def start(cls, cfg: KKAConfig, target_size: int, target_mode: str) -> "ResidentPools":
@@ -189,6 +224,7 @@ class ResidentPools:
             raise
         pools = cls(describers, drawers, [pg for pg in (d_pg, w_pg) if pg is not None])
         try:
+            pools.ledger = ray.remote(GenerationLedger).options(num_cpus=0).remote()
             ray.get([a.ready.remote() for a in describers + drawers])
         except BaseException:
             pools.shutdown()
@@ -199,6 +235,7 @@ class ResidentPools:
         import ray
 
         ray.get([a.load_adapter.remote(path, version) for a in self.describers])
+        self.adapter = (None if version == 0 else path, int(version))
 
     def adapter_version(self) -> int:
         """The adapter version the describers hold (they always hold the same one)."""
@@ -212,11 +249,20 @@ class ResidentPools:
     def reset(self, iteration: int) -> None:
         import ray
 
-        ray.get([a.reset.remote(iteration) for a in self.describers] + [a.reset.remote() for a in self.drawers])
+        ray.get([a.reset.remote(iteration) for a in self.describers] + [a.reset.remote() for a in self.drawers]
+                + ([self.ledger.reset.remote()] if self.ledger is not None else []))
+
+    def describer_call(self) -> dict[str, Any]:
+        """What every describe call carries: the current adapter and the ledger."""
+        return {"adapter": self.adapter, "ledger": self.ledger}
 
     def stats(self) -> dict[str, dict[str, int]]:
+        """This iteration's counts: from the ledger (complete across actor restarts), else from the actors."""
         import ray
 
+        if self.ledger is not None:
+            d, w = ray.get([self.ledger.totals.remote("describer"), self.ledger.totals.remote("drawer")])
+            return {"describer": d, "drawer": w}
         return {
             # the describer keeps cumulative counts and this iteration's under "iteration_counts"
             "describer": _sum_stats([s.get("iteration_counts", s) for s in ray.get([a.stats.remote() for a in self.describers])]),
@@ -228,7 +274,7 @@ class ResidentPools:
 
         from ray.util.placement_group import remove_placement_group
 
-        for a in self.describers + self.drawers:
+        for a in self.describers + self.drawers + ([self.ledger] if self.ledger is not None else []):
             ray.kill(a)
         for pg in self.placement_groups:
             remove_placement_group(pg)
@@ -303,7 +349,7 @@ def run_generation(
     counter = ray.remote(ProxyCounter).options(num_cpus=0)
     ds = ds.map_batches(
         DescriberProxy,
-        fn_constructor_kwargs={"handles": pools.describers, "counter": counter.remote()},
+        fn_constructor_kwargs={"handles": pools.describers, "counter": counter.remote(), "call_kwargs": pools.describer_call()},
         # one block at a time per proxy: a proxy that started first must not queue every block
         compute=ActorPoolStrategy(size=len(pools.describers), max_tasks_in_flight_per_actor=1),
         batch_size=prompts_per_call,
@@ -314,7 +360,7 @@ def run_generation(
                         compute=ActorPoolStrategy(size=1), batch_format="numpy", num_cpus=PROXY_NUM_CPUS)
     ds = ds.map_batches(
         DrawerProxy,
-        fn_constructor_kwargs={"handles": pools.drawers, "counter": counter.remote()},
+        fn_constructor_kwargs={"handles": pools.drawers, "counter": counter.remote(), "call_kwargs": {"ledger": pools.ledger}},
         compute=ActorPoolStrategy(size=len(pools.drawers), max_tasks_in_flight_per_actor=1),
         batch_size=cfg.drawer.batch_size,
         batch_format="numpy",

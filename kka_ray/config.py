@@ -226,6 +226,14 @@ class DrawerSection(_Section):
     batch_size: int = Field(16, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     blank_std_threshold: float = Field(2.0, ge=0, description="images with pixel std below this (0-255) are blank")
+    # GPU options (diffusers pipelines such as SD-1.5 / SD-Turbo; the pixel drawer ignores the VAE ones)
+    channels_last: bool = Field(False, description="UNet and VAE in channels_last memory format")
+    vae_slicing: bool = Field(False, description="decode the latents one image at a time (less memory)")
+    compile_unet: bool = Field(False, description="torch.compile the UNet; batches are padded to batch_size so "
+                               "its input shape never changes")
+    compile_backend: str = Field("inductor", description="torch.compile backend for compile_unet")
+    resize_on_device: bool = Field(True, description="resize to the detector's resolution on the pipeline's device "
+                                   "before the images leave it")
     resources: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=1, torch_threads=2))
 
 

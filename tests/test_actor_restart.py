@@ -94,3 +94,33 @@ def test_a_resident_actor_killed_mid_generation_is_restarted_and_nothing_is_lost
     assert {v for _, v in rows.values()} == {1}
     for key in ("n_generated", "n_described", "n_kept", "describer_drops", "drawer_drops"):
         assert result[key] == reference[key], key  # counted once, also the batch that was retried
+
+
+def test_a_stable_diffusion_drawer_runs_in_the_resident_pool_and_the_stream(tiny_cache, tmp_path):
+    """A user's SD directory (here a tiny real StableDiffusionPipeline) as the resident drawer
+    actor, fed by the Ray Data stream: every described text drawn at the detector's size and mode."""
+    import io
+
+    import ray
+    from PIL import Image
+
+    from kka_ray.generation.pipeline import ResidentPools, read_generated, run_generation
+    from kka_ray.testing.tiny_sd import make_tiny_stable_diffusion
+
+    sd = make_tiny_stable_diffusion(tmp_path / "tiny-sd")
+    cfg = load_config(None, [*tiny_overrides(tiny_cache), f"drawer.model={sd}", "drawer.num_inference_steps=2",
+                             "drawer.guidance_scale=4.0"])
+    prompts = [{"prompt_id": i, "prompt": f"Describe item {i}:", "description": f"item {i}", "cluster": 0} for i in range(4)]
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    try:
+        pools = ResidentPools.start(cfg, target_size=28, target_mode="L")
+        try:
+            result = run_generation(cfg, pools, prompts, 1, "t", tmp_path / "gen")
+        finally:
+            pools.shutdown()
+    finally:
+        ray.shutdown()
+    table = read_generated(tmp_path / "gen")
+    assert result["n_kept"] == result["n_described"] == table.num_rows > 0
+    images = [Image.open(io.BytesIO(b)) for b in table.column("image").to_pylist()]
+    assert {im.size for im in images} == {(28, 28)} and {im.mode for im in images} == {"L"}

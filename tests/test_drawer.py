@@ -300,3 +300,54 @@ def test_drawer_dtype_reaches_the_pipeline(tiny_dir):
     dtypes = {p.dtype for name in ("unet", "text_encoder") if getattr(pipe, name, None) is not None
               for p in getattr(pipe, name).parameters()}
     assert dtypes == {torch.bfloat16}
+
+
+# ------------------------------------------------------------------ Stable Diffusion through the drawer
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from kka_ray.testing.tiny_sd import make_tiny_stable_diffusion
+
+    root = tmp_path_factory.mktemp("sd")
+    return {"sd15": make_tiny_stable_diffusion(root / "tiny-sd15"), "turbo": make_tiny_stable_diffusion(root / "tiny-sd-turbo", turbo=True)}
+
+
+@pytest.mark.parametrize("kind, steps, guidance", [("sd15", 3, 5.0), ("turbo", 1, 0.0)])
+def test_a_stable_diffusion_directory_draws_through_the_drawer(tiny_sd, kind, steps, guidance):
+    """A real StableDiffusionPipeline (SD-1.5's PNDM with guidance, SD-Turbo's Euler without),
+    loaded from its saved directory as a user's would be: images resized on the pipeline's device
+    to the detector's resolution and mode, the same for the same seed, blank ones dropped."""
+    path = tiny_sd[kind]
+    cfg = DrawerSection(model=str(path), num_inference_steps=steps, guidance_scale=guidance, batch_size=3)
+    d = Drawer(cfg, str(path.parent), target_size=28, target_mode="L")
+    assert type(d.generator.pipeline).__name__ == "StableDiffusionPipeline"
+    assert d.generator.resize_to == (28, 28)
+    batch = {"text": np.array(["a red shoe", "a small bag", "a coat"], dtype=object), "seed": np.array([1, 2, 3]),
+             "id": np.array(["a", "b", "c"], dtype=object)}
+    out = d.draw(batch)
+    images = [Image.open(io.BytesIO(b)) for b in out["image"]]
+    assert len(images) == 3 and {im.size for im in images} == {(28, 28)} and {im.mode for im in images} == {"L"}
+    again = d.draw(batch)
+    assert list(again["image"]) == list(out["image"])  # seeded
+    assert len({bytes(b) for b in out["image"]}) == 3
+    blank = Drawer(cfg.model_copy(update={"blank_std_threshold": 1e9}), str(path.parent), target_size=28, target_mode="L",
+                   generator=d.generator)
+    assert len(blank.draw(batch)["image"]) == 0 and blank.stats()["blank"] == 3
+
+
+def test_gpu_options_are_applied_to_the_pipeline(tiny_sd):
+    path = tiny_sd["turbo"]
+    cfg = DrawerSection(model=str(path), num_inference_steps=1, guidance_scale=0.0, batch_size=4, channels_last=True,
+                        vae_slicing=True, compile_unet=True, compile_backend="eager")
+    d = Drawer(cfg, str(path.parent), target_size=16, target_mode="RGB")
+    pipe = d.generator.pipeline
+    assert type(pipe.unet).__name__ == "OptimizedModule"  # torch.compile'd
+    unet = pipe.unet._orig_mod
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert pipe.vae.use_slicing
+    seen = []
+    unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    out = d.draw({"text": np.array(["a hat", "a sock"], dtype=object), "seed": np.array([4, 5])})
+    assert len(out["image"]) == 2  # two images back, drawn in a batch padded to 4 (a fixed shape for the compiled UNet)
+    assert seen and set(seen) == {4}

@@ -81,7 +81,7 @@ class Drawer:
         if generator is None:
             from kka_ray.generation.image import make_image_generator
 
-            generator = make_image_generator(cfg, cache_dir, device)
+            generator = make_image_generator(cfg, cache_dir, device, resize_to=self.target_hw)
         self.generator = generator
         self.reset()
 

@@ -121,7 +121,17 @@ class DiffusersImageGenerator:
         guidance_scale: float = 3.0,
         height: int | None = None,
         width: int | None = None,
+        channels_last: bool = False,
+        vae_slicing: bool = False,
+        compile_unet: bool = False,
+        compile_backend: str = "inductor",
+        fixed_batch: int | None = None,
+        resize_to: tuple[int, int] | None = None,
     ):
+        import torch
+
+        from kka_ray.generation.pixel_pipeline import KKAPixelDiffusionPipeline
+
         self.model = model
         self.device = device
         self.num_inference_steps = num_inference_steps
@@ -130,6 +140,20 @@ class DiffusersImageGenerator:
         self.width = width
         self.pipeline = load_image_pipeline(model, cache_dir, dtype=dtype).to(device)
         self.pipeline.set_progress_bar_config(disable=True)
+        pipe = self.pipeline
+        if channels_last:
+            for name in ("unet", "vae"):
+                if getattr(pipe, name, None) is not None:
+                    getattr(pipe, name).to(memory_format=torch.channels_last)
+        if vae_slicing and getattr(pipe, "vae", None) is not None and hasattr(pipe.vae, "enable_slicing"):
+            pipe.vae.enable_slicing()
+        # with a compiled UNet every call has the same batch (padded, extras dropped): no recompiles
+        self.fixed_batch = fixed_batch if compile_unet else None
+        if compile_unet:
+            pipe.unet = torch.compile(pipe.unet, backend=compile_backend, dynamic=False)
+        # a latent pipeline's images are resized on its device before they leave it; the pixel
+        # drawer draws at the dataset's own resolution
+        self.resize_to = None if (resize_to is None or isinstance(pipe, KKAPixelDiffusionPipeline)) else tuple(resize_to)
 
     def generate(self, texts: list[str], seeds: list[int]) -> list[Image.Image]:
         """One image per text; image ``i`` is drawn from noise seeded with ``seeds[i]``."""
@@ -140,6 +164,12 @@ class DiffusersImageGenerator:
             raise ValueError(f"got {len(texts)} texts and {len(seeds)} seeds: pass one seed per text")
         if not texts:
             return []
+        n = len(texts)
+        if self.fixed_batch is not None:
+            if n > self.fixed_batch:
+                return [im for lo in range(0, n, self.fixed_batch)
+                        for im in self.generate(texts[lo:lo + self.fixed_batch], seeds[lo:lo + self.fixed_batch])]
+            texts, seeds = texts + [texts[-1]] * (self.fixed_batch - n), seeds + [seeds[-1]] * (self.fixed_batch - n)
         # CPU generators: the same seed gives the same starting noise on every device.
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         out = self.pipeline(
@@ -149,13 +179,34 @@ class DiffusersImageGenerator:
             generator=generators,
             height=self.height,
             width=self.width,
-            output_type="pil",
+            output_type="pil" if self.resize_to is None else "pt",
         )
-        return list(out.images)
+        if self.resize_to is None:
+            return list(out.images)[:n]
+        return _to_pil(_resize(out.images[:n], self.resize_to))
 
 
-def make_image_generator(cfg: DrawerSection, cache_dir: str | os.PathLike, device: str = "cpu") -> ImageGenerator:
-    """The image generator that ``cfg`` (the ``drawer`` config section) names."""
+def _resize(images: Any, size: tuple[int, int]) -> Any:
+    """(B, C, H, W) in [0, 1] on any device -> uint8 (B, h, w, C) on the CPU, resized where it is."""
+    import torch
+    import torch.nn.functional as F
+
+    x = images.float()
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bicubic", antialias=True, align_corners=False)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _to_pil(arrays: Any) -> list[Image.Image]:
+    from PIL import Image
+
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]  # uint8: "L" or "RGB"
+
+
+def make_image_generator(cfg: DrawerSection, cache_dir: str | os.PathLike, device: str = "cpu",
+                         resize_to: tuple[int, int] | None = None) -> ImageGenerator:
+    """The image generator that ``cfg`` (the ``drawer`` config section) names; ``resize_to``:
+    the (height, width) the images are wanted at."""
     if cfg.backend == "diffusers":
         return DiffusersImageGenerator(
             cfg.model,
@@ -166,5 +217,11 @@ def make_image_generator(cfg: DrawerSection, cache_dir: str | os.PathLike, devic
             guidance_scale=cfg.guidance_scale,
             height=cfg.height,
             width=cfg.width,
+            channels_last=cfg.channels_last,
+            vae_slicing=cfg.vae_slicing,
+            compile_unet=cfg.compile_unet,
+            compile_backend=cfg.compile_backend,
+            fixed_batch=cfg.batch_size,
+            resize_to=resize_to if cfg.resize_on_device else None,
         )
     raise ValueError(f"unknown drawer.backend {cfg.backend!r}: use 'diffusers'")

@@ -299,16 +299,9 @@ def check_run(resume: str | None, cfg: KKAConfig | None, output: str | None = No
         check_resume(load_config(Path(resume) / "config.yaml"))
         return f"ok: {resume} can be resumed"
     assert cfg is not None
-    target = run_target(cfg, output)
-    if target is not None and is_uri(target):
-        filesystem(target)
-        check_new_run(cfg, None)
-        return f"ok: a new run at {target}"
-    from kka_ray.loop import new_run_dir
-
-    run_dir = Path(target) if target is not None else new_run_dir(cfg, output)
-    check_new_run(cfg, run_dir)
-    return f"ok: a new run at {run_dir}"
+    where = new_run_location(cfg, output)  # creates nothing; a bad URI fails here
+    check_new_run(cfg, where.local if where.remote is None else None)
+    return f"ok: a new run at {where.remote or where.local}"
 
 
 def resume_run(run_dir: str | os.PathLike) -> tuple["KKARun", RunLocation]:

@@ -162,27 +162,23 @@ class GenerationLedger:
     drops are counted once, also across a crash that lost the actor's own counters."""
 
     def __init__(self) -> None:
-        self.records: dict[str, dict[Any, dict[str, float]]] = {"describer": {}, "drawer": {}}
-        self.texts: dict[Any, list[str]] = {}
+        self.records: dict[tuple[str, Any], tuple[dict[str, float], list[str]]] = {}  # (role, batch) -> (counts, texts)
 
     def record(self, role: str, key: Any, counts: dict[str, float], texts: list[str] | None = None) -> None:
-        self.records.setdefault(role, {})[key] = dict(counts)
-        if texts is not None:
-            self.texts[(role, key)] = list(texts)
+        self.records[(role, key)] = (dict(counts), list(texts or []))
 
     def kept_texts(self, role: str) -> list[str]:
         """The texts kept so far (a restarted describer's duplicate filter starts from them)."""
-        return [t for (r, _), texts in self.texts.items() if r == role for t in texts]
+        return [t for (r, _), (_, texts) in self.records.items() if r == role for t in texts]
 
     def totals(self, role: str) -> dict[str, float]:
-        return _sum_stats(list(self.records.get(role, {}).values()))
+        return _sum_stats([counts for (r, _), (counts, _) in self.records.items() if r == role])
 
     def n_batches(self, role: str) -> int:
-        return len(self.records.get(role, {}))
+        return sum(r == role for r, _ in self.records)
 
     def reset(self) -> None:
-        self.records = {"describer": {}, "drawer": {}}
-        self.texts = {}
+        self.records = {}
 
 
 class DescriberProxy(_RoundRobinProxy):

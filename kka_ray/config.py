@@ -463,6 +463,9 @@ class PreferenceSection(_Section):
     final_iteration: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    # Ray Train workers of the DPO job (data parallel; batch_size is per worker). 1: one Ray task.
+    # Each worker reserves `resources` (num_cpus, num_gpus, custom); >1 on GPUs uses NCCL.
+    num_workers: int = Field(1, ge=1)
     resources: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=1, torch_threads=2))
 
 

@@ -533,7 +533,7 @@ class KKARun:
         from kka_ray.generation.pipeline import one_shot_task
         from kka_ray.generation.text import resolve_model_path
         from kka_ray.knowledge.prompts import resolve_template
-        from kka_ray.preference.dpo import dpo_remote_entry
+        from kka_ray.preference.dpo import dpo_remote_entry, run_dpo_ray_train
         from kka_ray.preference.pairs import build_pairs
 
         cfg = self.cfg
@@ -554,13 +554,17 @@ class KKARun:
         shift_before = self._shift_set(k - 1) if cfg.preference.shift_prompts else None
         out = self.dir / "adapters" / f"iter_{k}"
         base = resolve_model_path(cfg.describer.model, str(cfg.paths.cache_dir()))
-        task = one_shot_task(dpo_remote_entry, cfg.preference.resources)
-        metrics = ray.get(task.remote(  # the device is resolved where the task runs, not on the driver
-            base_model=base, pairs=pairs, out_dir=str(out), cfg=cfg.preference,
+        job = dict(  # the device is resolved where the job runs, not on the driver
             prev_adapter=self.state.data.get("adapter_path"), answer_prefix=cfg.describer.answer_prefix,
             seed=cfg.run.seed + k, device=cfg.run.device, chat=resolve_template(cfg.describer).chat,
             trust_remote_code=cfg.describer.trust_remote_code,
-        ))
+        )
+        if cfg.preference.num_workers > 1:
+            metrics = run_dpo_ray_train(base, pairs, str(out), cfg.preference, storage_path=str(self.dir / "ray_train"),
+                                        name=f"dpo_iter_{k}", **job)
+        else:
+            task = one_shot_task(dpo_remote_entry, cfg.preference.resources)
+            metrics = ray.get(task.remote(base_model=base, pairs=pairs, out_dir=str(out), cfg=cfg.preference, **job))
         if self.pools is not None:  # else the next ensure_pools() loads it from the state
             self.pools.load_adapter(str(out), k)
         self.state.data.update(adapter_path=str(out), adapter_version=k)
@@ -659,7 +663,8 @@ class KKARun:
             "evaluator_val_auroc": e.get("evaluator_val_auroc"), "evaluator_new_auroc": e.get("evaluator_new_auroc"),
             "n_pairs": p.get("n_pairs", 0), "relative_pairs": p.get("relative_pairs", False), "dpo_loss": p.get("train_loss"),
             "dpo_last_loss": p.get("last_loss"), "dpo_reward_accuracy": p.get("rewards/accuracies"),
-            "dpo_reward_margin": p.get("rewards/margins"), "describer_shift": p.get("describer_shift"),
+            "dpo_reward_margin": p.get("rewards/margins"), "dpo_workers": p.get("world_size"),
+            "describer_shift": p.get("describer_shift"),
             "adapter_version": g.get("adapter_version", 0),
             "stage_seconds": {s: r[s].get("wall_seconds") for s in ITERATION_STAGES},
         }

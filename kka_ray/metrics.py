@@ -59,9 +59,9 @@ def stage_holdings(cfg: Any, stage: str) -> list[tuple[float, float, str | None]
     if stage == "guard":  # the feature-extractor pool; the guard's rules run on the driver
         k = cfg.knowledge.resources
         return [(k.num_cpus * k.replicas, k.num_gpus * k.replicas, _accelerator(k.resources))]
-    if stage == "preference":
-        r = cfg.preference.resources
-        return [(r.num_cpus, r.num_gpus, _accelerator(r.resources))]
+    if stage == "preference":  # one task, or num_workers Ray Train workers each holding `resources`
+        r, n = cfg.preference.resources, cfg.preference.num_workers
+        return [(n * r.num_cpus, n * r.num_gpus, _accelerator(r.resources))]
     return [(1.0, 0.0, None)]  # driver-side stages (prep, baselines, audit, update)
 
 

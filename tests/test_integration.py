@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_cache, tmp_path_factory):
-    cfg = load_config(overrides=tiny_overrides(tiny_cache) + ["run.mode=add"])
+    # DPO as a two-worker Ray Train job (data parallel; the one-task path runs in the other loop tests)
+    cfg = load_config(overrides=tiny_overrides(tiny_cache) + ["run.mode=add", "preference.num_workers=2"])
     return KKARun.create(cfg, str(tmp_path_factory.mktemp("kka") / "run")).execute()
 
 
@@ -45,10 +46,13 @@ def test_two_iterations_fill_the_run_directory(finished_run):
         assert r["n_kept"] + sum(r["guard_drops"].values()) == r["n_drawn"]
         assert r["resource_seconds"]["cpu"] >= sum(r["stage_seconds"].values())  # every stage holds >= 1 CPU
         assert r["cpu_seconds_per_anomaly"] == pytest.approx(r["resource_seconds"]["cpu"] / r["n_kept"])
-        # money at the default prices: CPUs only here, generate holds the describer's and the drawer's
+        # money at the default prices: CPUs only here, generate holds the describer's and the drawer's,
+        # preference its two Ray Train workers' (one CPU each)
         cfg = load_config(out / "config.yaml")
         assert (cfg.describer.resources.num_cpus, cfg.drawer.resources.num_cpus, r["resource_seconds"]["gpu"]) == (1, 1, 0)
-        by_hand = cfg.cost.cpu_per_hour / 3600 * (sum(r["stage_seconds"].values()) + r["stage_seconds"]["generate"])
+        assert (cfg.preference.num_workers, cfg.preference.resources.num_cpus) == (2, 1)
+        by_hand = cfg.cost.cpu_per_hour / 3600 * (sum(r["stage_seconds"].values()) + r["stage_seconds"]["generate"]
+                                                  + r["stage_seconds"]["preference"])
         assert r["cost"] == pytest.approx(by_hand) and r["currency"] == "USD"
         assert r["cost_per_anomaly"] == pytest.approx(by_hand / r["n_kept"])
         assert r["cost_per_hard_anomaly"] == (pytest.approx(by_hand / r["n_hard"]) if r["n_hard"] else None)
@@ -90,6 +94,7 @@ def test_two_iterations_fill_the_run_directory(finished_run):
     # iteration 2 was written by the adapter DPO produced in iteration 1
     assert set(pq.read_table(out / "anomalies" / "iter_2.parquet").column("adapter_version").to_pylist()) == {1}
     assert rows[1]["adapter_version"] == 1
+    assert rows[0]["dpo_workers"] == 2 and rows[1]["dpo_workers"] is None  # no DPO after the last iteration
     html = (out / "report.html").read_text()
     assert "Iteration 1" in html and "Iteration 2" in html and "<svg" in html
     assert json.loads((out / "state.json").read_text())["finished"] is True

@@ -59,7 +59,7 @@ def test_detect_stage_resources_follow_the_configured_detector():
 
 def test_money_prices_each_roles_gpus_by_its_accelerator_type():
     from kka_ray.config import load_config
-    from kka_ray.metrics import stage_money
+    from kka_ray.metrics import stage_money, stage_resources
 
     cfg = load_config(overrides=[
         "describer.resources.num_gpus=1", "describer.resources.replicas=2",
@@ -71,4 +71,6 @@ def test_money_prices_each_roles_gpus_by_its_accelerator_type():
     # a GPU whose type has no price, or no type at all, costs gpu_per_hour
     plain = load_config(overrides=["preference.resources.num_gpus=2", "cost.cpu_per_hour=0.1", "cost.gpu_per_hour=9.0"])
     assert stage_money(plain, "preference", 1800.0, plain.cost) == pytest.approx((0.1 + 2 * 9.0) / 2)
+    workers = load_config(overrides=["preference.num_workers=4", "preference.resources.num_gpus=1"])
+    assert stage_resources(workers, "preference") == (4.0, 4.0)  # a Ray Train DPO job: every worker's share
     assert stage_money(plain, "update", None, plain.cost) == 0.0

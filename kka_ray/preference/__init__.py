@@ -5,7 +5,7 @@ TRL's DPOTrainer fine-tunes a LoRA adapter on the describer LLM (optionally unde
 adapter. Importing this package loads no torch, TRL or DeepSpeed.
 """
 
-from kka_ray.preference.dpo import ADAPTER_FILES, deepspeed_config, dpo_remote_entry, run_dpo
+from kka_ray.preference.dpo import ADAPTER_FILES, deepspeed_config, dpo_remote_entry, run_dpo, run_dpo_ray_train
 from kka_ray.preference.pairs import PreferencePair, build_pairs
 
 __all__ = [
@@ -15,4 +15,5 @@ __all__ = [
     "deepspeed_config",
     "dpo_remote_entry",
     "run_dpo",
+    "run_dpo_ray_train",
 ]

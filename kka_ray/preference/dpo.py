@@ -19,6 +19,11 @@ beta = 0.1.
 - DeepSpeed ZeRO (stage 0-3, optional CPU optimizer offload) is switched on by
   ``preference.deepspeed.enabled``; a single process gets the rank/world/master env vars it
   needs, so the same path runs on a laptop CPU and on a GPU node.
+- ``preference.num_workers > 1`` runs the same trainer on that many Ray Train workers
+  (:func:`run_dpo_ray_train`: a ``TorchTrainer``, gloo on CPU and NCCL on GPU, each worker
+  reserving ``preference.resources``): data parallel (DDP, or ZeRO sharding when DeepSpeed is
+  on), ``preference.batch_size`` per worker. Rank 0 reports the adapter as the run's Ray Train
+  checkpoint and the driver copies it into place, so the workers may sit on other nodes.
 
 Only the adapter is saved (``adapter_model.safetensors`` + ``adapter_config.json``), written
 to a temporary directory and renamed into place, so an interrupted run leaves no half
@@ -222,11 +227,14 @@ def _dpo_args(cfg: PreferenceSection, output_dir: Path, device: str, seed: int) 
 
 
 def _save_adapter(trainer: Any, cfg: PreferenceSection, save_dir: Path) -> None:
-    """Write only the trained "default" adapter (ZeRO-3 parameters are gathered first)."""
+    """Write only the trained "default" adapter (ZeRO-3 parameters are gathered first: every
+    process takes part in that; only the main one writes)."""
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     state_dict = None
     if trainer.is_deepspeed_enabled and cfg.deepspeed.zero_stage == 3:
         state_dict = trainer.accelerator.get_state_dict(trainer.deepspeed)
+    if not trainer.accelerator.is_main_process:
+        return
     unwrapped.save_pretrained(
         str(save_dir), selected_adapters=["default"], safe_serialization=True, state_dict=state_dict
     )
@@ -257,7 +265,7 @@ def run_dpo(
     the directory of the previous iteration's adapter, or None for a fresh one. Returns
     ``{steps, train_loss, n_pairs, n_pairs_too_long, wall_seconds, history, first_loss,
     last_loss, rewards/accuracies, rewards/margins, rewards/chosen, rewards/rejected,
-    deepspeed_zero_stage}`` (the rewards are the last logged step's values; ``history`` has
+    deepspeed_zero_stage, world_size}`` (the rewards are the last logged step's values; ``history`` has
     one entry per step).
     """
     if not pairs:
@@ -308,16 +316,19 @@ def run_dpo(
             train_output = trainer.train()
             zero_stage = trainer.deepspeed.zero_optimization_stage() if trainer.is_deepspeed_enabled else None
             _save_adapter(trainer, cfg, tmp / "adapter")
-        if out.exists():
-            logger.warning("replacing the existing adapter at %s", out)
-            os.rename(out, tmp / "replaced")
-        os.rename(tmp / "adapter", out)  # same filesystem: the adapter appears whole or not at all
+            main, world = trainer.accelerator.is_main_process, trainer.accelerator.num_processes
+        if main:  # in a multi-process run the other ranks write nothing
+            if out.exists():
+                logger.warning("replacing the existing adapter at %s", out)
+                os.rename(out, tmp / "replaced")
+            os.rename(tmp / "adapter", out)  # same filesystem: the adapter appears whole or not at all
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     metrics = _summarise(trainer, train_output, len(pairs), time.perf_counter() - t0)
     metrics["n_pairs_too_long"] = too_long
     metrics["deepspeed_zero_stage"] = zero_stage  # None when DeepSpeed is off
+    metrics["world_size"] = world
     logger.info(
         "DPO: %d steps on %d pairs, loss %.4f, %.1f s -> %s",
         metrics["steps"], len(pairs), metrics["train_loss"], metrics["wall_seconds"], out,
@@ -335,8 +346,82 @@ def dpo_remote_entry(**kwargs: Any) -> dict[str, Any]:
     cfg = kwargs.pop("cfg")
     if not isinstance(cfg, PreferenceSection):
         cfg = PreferenceSection.model_validate(cfg)
+    _apply_threads(cfg)
+    return run_dpo(cfg=cfg, **kwargs)
+
+
+METRICS_FILE = "dpo_metrics.json"  # beside the adapter in the Ray Train checkpoint
+
+
+def _apply_threads(cfg: PreferenceSection) -> None:
     if cfg.resources.torch_threads:
         import torch
 
         torch.set_num_threads(cfg.resources.torch_threads)
-    return run_dpo(cfg=cfg, **kwargs)
+
+
+def dpo_train_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker of :func:`run_dpo_ray_train`: Ray Train has set RANK, WORLD_SIZE,
+    LOCAL_RANK and MASTER_* and started the process group, so ``run_dpo`` trains data parallel.
+    Every worker reports once; rank 0's report carries the adapter and the metrics."""
+    import json
+
+    import ray.train
+
+    kwargs = dict(config["kwargs"])
+    cfg = PreferenceSection.model_validate(kwargs.pop("cfg"))
+    _apply_threads(cfg)
+    rank = ray.train.get_context().get_world_rank()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "adapter"
+        metrics = run_dpo(cfg=cfg, out_dir=str(out), **kwargs)
+        checkpoint = None
+        if rank == 0:
+            (out / METRICS_FILE).write_text(json.dumps(metrics))
+            checkpoint = ray.train.Checkpoint.from_directory(str(out))
+        ray.train.report({"loss": metrics["train_loss"]}, checkpoint=checkpoint)
+
+
+def run_dpo_ray_train(base_model: str, pairs: list[PreferencePair], out_dir: str, cfg: PreferenceSection, *,
+                      storage_path: str, name: str, **kwargs: Any) -> dict[str, Any]:
+    """:func:`run_dpo` on ``cfg.num_workers`` Ray Train workers, each reserving ``cfg.resources``
+    (a GPU each when ``num_gpus > 0``: NCCL, else gloo); the adapter lands in ``out_dir`` as
+    :func:`run_dpo` leaves it. ``kwargs``: ``run_dpo``'s keyword arguments."""
+    import json
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not pairs:
+        raise ValueError("run_dpo got no preference pairs; skip DPO for this iteration instead")
+    res = cfg.resources
+    use_gpu = res.num_gpus > 0
+    per_worker = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if use_gpu else {}), **res.resources}
+    shutil.rmtree(Path(storage_path) / name, ignore_errors=True)  # a killed stage restarts clean
+    trainer = TorchTrainer(
+        dpo_train_worker,
+        train_loop_config={"kwargs": {"base_model": base_model, "pairs": list(pairs),
+                                      "cfg": cfg.model_dump(mode="json"), **kwargs}},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(storage_path=str(storage_path), name=name),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"the DPO job {name!r} finished without an adapter (see the logs under {storage_path})")
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        result.checkpoint.to_directory(str(tmp / "ckpt"))
+        metrics = json.loads((tmp / "ckpt" / METRICS_FILE).read_text())
+        (tmp / "adapter").mkdir()
+        for f in ADAPTER_FILES:
+            shutil.copy2(tmp / "ckpt" / f, tmp / "adapter" / f)
+        if out.exists():
+            logger.warning("replacing the existing adapter at %s", out)
+            os.rename(out, tmp / "replaced")
+        os.rename(tmp / "adapter", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return metrics

@@ -211,6 +211,20 @@ class DescriberSection(_Section):
     trust_remote_code: bool = False
     max_lora_rank: int = 16  # vLLM: one of VLLM_LORA_RANKS, at least preference.lora_r
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # vLLM
+    # vLLM: more keyword arguments of vllm.LLM (engine args), e.g. {enforce_eager: true, max_model_len: 512,
+    # tensor_parallel_size: 2}; the CPU build also wants VLLM_CPU_KVCACHE_SPACE in resources.env_vars.
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("engine_args")
+    @classmethod
+    def _engine_args_not_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
+        own = {"model": "model", "enable_lora": None, "max_lora_rank": "max_lora_rank", "dtype": "dtype",
+               "gpu_memory_utilization": "gpu_memory_utilization", "trust_remote_code": "trust_remote_code"}
+        for key in v:
+            if key in own:
+                raise ValueError(f"{key!r} is set by the describer itself" +
+                                 (f": use describer.{own[key]}" if own[key] else " (LoRA is always on)"))
+        return v
     resources: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=1, torch_threads=2))
 
 

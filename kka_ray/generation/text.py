@@ -268,6 +268,7 @@ def make_text_generator(cfg: "DescriberSection", cache_dir: str | os.PathLike, d
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             stop_at_newline=cfg.first_sentence_only,
             **common,
+            **cfg.engine_args,
         )
     if cfg.backend == "transformers":
         try:

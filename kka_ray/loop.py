@@ -551,11 +551,16 @@ class KKARun:
             logger.warning("iteration %d: no hard/easy pairs (hard %d of %d): DPO skipped, the adapter stays",
                            k, sum(bool(r["is_hard"]) for r in records), len(records))
             return {"n_pairs": 0, "skipped": True}
-        shift_before = self._shift_set(k - 1) if cfg.preference.shift_prompts else None
+        if len(pairs) < cfg.preference.min_pairs:
+            logger.warning("iteration %d: %d DPO pairs, fewer than preference.min_pairs=%d: DPO skipped, the adapter stays",
+                           k, len(pairs), cfg.preference.min_pairs)
+            return {"n_pairs": len(pairs), "skipped": True, "reason": "fewer pairs than preference.min_pairs"}
+        prev_path, prev_version = self.state.data.get("adapter_path"), int(self.state.data.get("adapter_version", 0))
+        shift_before = self._shift_set(prev_version) if cfg.preference.shift_prompts else None
         out = self.dir / "adapters" / f"iter_{k}"
         base = resolve_model_path(cfg.describer.model, str(cfg.paths.cache_dir()))
         job = dict(  # the device is resolved where the job runs, not on the driver
-            prev_adapter=self.state.data.get("adapter_path"), answer_prefix=cfg.describer.answer_prefix,
+            prev_adapter=prev_path, answer_prefix=cfg.describer.answer_prefix,
             seed=cfg.run.seed + k, device=cfg.run.device, chat=resolve_template(cfg.describer).chat,
             trust_remote_code=cfg.describer.trust_remote_code,
         )
@@ -572,7 +577,15 @@ class KKARun:
                   "n_same_prompt": int(sum(p.same_prompt for p in pairs)),
                   "n_rejected_normal_like": int(sum(p.rejected_distance == float("inf") for p in pairs)), **metrics}
         if shift_before is not None:
-            result["describer_shift"] = self._describer_shift(k, shift_before, self._shift_set(k))
+            shift = result["describer_shift"] = self._describer_shift(k, shift_before, self._shift_set(k))
+            before, after = shift["before"]["kept_share"], shift["after"]["kept_share"]
+            if cfg.preference.rollback_below and after < cfg.preference.rollback_below * before:
+                logger.warning("iteration %d: after DPO the describer keeps %.0f %% of its samples (before: %.0f %%); "
+                               "rolled back to adapter v%d", k, 100 * after, 100 * before, prev_version)
+                if self.pools is not None:
+                    self.pools.load_adapter(prev_path, prev_version)
+                self.state.data.update(adapter_path=prev_path, adapter_version=prev_version)
+                result["rolled_back"] = True
         return result
 
     def _shift_set(self, version: int):
@@ -664,6 +677,7 @@ class KKARun:
             "n_pairs": p.get("n_pairs", 0), "relative_pairs": p.get("relative_pairs", False), "dpo_loss": p.get("train_loss"),
             "dpo_last_loss": p.get("last_loss"), "dpo_reward_accuracy": p.get("rewards/accuracies"),
             "dpo_reward_margin": p.get("rewards/margins"), "dpo_workers": p.get("world_size"),
+            "dpo_rolled_back": bool(p.get("rolled_back", False)),
             "describer_shift": p.get("describer_shift"),
             "adapter_version": g.get("adapter_version", 0),
             "stage_seconds": {s: r[s].get("wall_seconds") for s in ITERATION_STAGES},

@@ -320,3 +320,63 @@ def test_two_ray_train_workers_fit_as_one(ray_cluster, data, tmp_path):
     assert min(aurocs.values()) > 0.9 and abs(aurocs[2] - aurocs[1]) < 0.03, aurocs
     losses = {w: [h["loss"] for h in f.history_ if h["stage"] == "deep_sad"] for w, f in fits.items()}
     assert losses[2][-1] < losses[2][0] and losses[1][-1] < losses[1][0]
+
+
+def _train_worker_pids() -> set[int]:
+    import psutil
+
+    pids = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any("RayTrainWorker" in part for part in (proc.info["cmdline"] or [])):
+                pids.add(proc.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return pids
+
+
+@pytest.mark.slow
+def test_a_killed_ray_train_worker_is_replaced_and_the_fit_completes(ray_cluster, data, tmp_path):
+    """A Ray Train worker killed (SIGKILL, as an OOM kill or a lost node) in the middle of a Deep SAD
+    fit: Ray Train's FailureConfig starts a new worker, the fit runs again from its start and
+    finishes with every epoch and its checkpoint; the killed process is gone."""
+    import signal
+    import threading
+    import time
+
+    from kka_ray.detectors.deep_sad import DeepSAD
+
+    before = _train_worker_pids()
+    cfg = EvaluatorSection(hidden_dims=[32], rep_dim=8, epochs=300, batch_size=16, lr=1e-3, pretrain_autoencoder=False)
+    result: dict = {}
+
+    def fit():
+        try:
+            result["det"] = DeepSAD(cfg, storage_path=str(tmp_path / "rt"), seed=0).fit(
+                data["normal"], data["anomalies"], name="killed")
+        except Exception as err:  # surfaced by the assertion below
+            result["error"] = err
+
+    thread = threading.Thread(target=fit)
+    thread.start()
+    deadline, victim = time.monotonic() + 300, None
+    while victim is None and time.monotonic() < deadline and thread.is_alive():
+        new = _train_worker_pids() - before
+        if new:
+            time.sleep(4.0)  # let it start training
+            victim = min(new)
+        else:
+            time.sleep(0.5)
+    assert victim is not None, "no Ray Train worker process appeared"
+    os.kill(victim, signal.SIGKILL)
+    replacement = None
+    while replacement is None and thread.is_alive():
+        replacement = next(iter(_train_worker_pids() - before - {victim}), None)
+        time.sleep(0.2)
+    thread.join(timeout=900)
+    assert replacement is not None, "the killed worker was not replaced (did the fit end before the kill?)"
+    assert "error" not in result, result.get("error")
+    det = result["det"]
+    assert len([h for h in det.history_ if h["stage"] == "deep_sad"]) == 300
+    assert os.path.isfile(os.path.join(det.checkpoint_path_, "model.safetensors"))
+    assert victim not in _train_worker_pids()

@@ -389,8 +389,10 @@ def run_dpo_ray_train(base_model: str, pairs: list[PreferencePair], out_dir: str
     :func:`run_dpo` leaves it. ``kwargs``: ``run_dpo``'s keyword arguments."""
     import json
 
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from kka_ray.training.ray_fit import TRAIN_MAX_FAILURES
 
     if not pairs:
         raise ValueError("run_dpo got no preference pairs; skip DPO for this iteration instead")
@@ -404,7 +406,9 @@ def run_dpo_ray_train(base_model: str, pairs: list[PreferencePair], out_dir: str
                                       "cfg": cfg.model_dump(mode="json"), **kwargs}},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker),
-        run_config=RunConfig(storage_path=str(storage_path), name=name),
+        # a dead worker: the job restarts from the same seed (the adapter appears only at the end)
+        run_config=RunConfig(storage_path=str(storage_path), name=name,
+                             failure_config=FailureConfig(max_failures=TRAIN_MAX_FAILURES)),
     )
     result = trainer.fit()
     if result.checkpoint is None:

@@ -48,6 +48,9 @@ LOCAL_RAY_CPUS = 2
 # Train v2's controller takes one result per worker per poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
 # 2 s) through a queue of size 1: reporting more often only blocks the workers.
 MIN_REPORT_INTERVAL_S = 2.0
+# A Ray Train worker that dies (OOM, a preempted node) is replaced and the fit restarts from its
+# beginning, at most this many times; then the stage fails cleanly and `kka run --resume` reruns it.
+TRAIN_MAX_FAILURES = 2
 # Local shuffle buffer, in batches: enough to mix rows of neighbouring blocks (arrays_to_dataset
 # already permutes the rows once) without holding the whole shard in memory.
 SHUFFLE_BUFFER_BATCHES = 8
@@ -195,14 +198,16 @@ def fit_torch(
     resources_per_worker: dict[str, float],
     storage_path: str,
     name: str,
+    max_failures: int = TRAIN_MAX_FAILURES,
 ) -> "ray.train.Result":
     """Run ``train_loop`` on ``num_workers`` Ray Train workers; return the result with its checkpoint.
 
     ``datasets["train"]`` is split across workers; the others (``"val"``) reach every worker
     whole. A run directory ``storage_path/name`` that already exists is refused: Ray Train v2
-    would resume it instead of training anew.
+    would resume it instead of training anew. A worker that dies is replaced and the fit restarts
+    (``max_failures`` times; the loops checkpoint only at their end, so a restart trains anew).
     """
-    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     ensure_ray()
@@ -220,7 +225,7 @@ def fit_torch(
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=dict(resources_per_worker)),
-        run_config=RunConfig(storage_path=storage_path, name=name),
+        run_config=RunConfig(storage_path=storage_path, name=name, failure_config=FailureConfig(max_failures=max_failures)),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )

@@ -323,13 +323,15 @@ def test_two_ray_train_workers_fit_as_one(ray_cluster, data, tmp_path):
 
 
 def _train_worker_pids() -> set[int]:
+    """Ray Train worker processes of this test's own Ray cluster (descendants of this process, so
+    another Ray session on the machine is never touched)."""
     import psutil
 
     pids = set()
-    for proc in psutil.process_iter(["pid", "cmdline"]):
+    for proc in psutil.Process().children(recursive=True):
         try:
-            if any("RayTrainWorker" in part for part in (proc.info["cmdline"] or [])):
-                pids.add(proc.info["pid"])
+            if any("RayTrainWorker" in part for part in proc.cmdline()):
+                pids.add(proc.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return pids

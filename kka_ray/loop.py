@@ -334,23 +334,9 @@ class KKARun:
     def _anomaly_features(self, table) -> tuple[np.ndarray, np.ndarray]:
         """Backbone features of PNG images in ``table`` through a Ray Data actor pool, and which
         rows decoded (an undecodable image gets zeros and ``False``)."""
-        import ray
-        from ray.data import ActorPoolStrategy
+        from kka_ray.knowledge.features import extract_image_features
 
-        from kka_ray.generation.pipeline import role_options
-        from kka_ray.knowledge.features import FeatureBatchExtractor
-
-        k = self.cfg.knowledge
-        ds = ray.data.from_arrow(table.select(["id", "image"])).map_batches(
-            FeatureBatchExtractor,
-            fn_constructor_kwargs={"backbone": k.backbone, "image_size": k.image_size,
-                                   "cache_dir": str(self.cfg.paths.cache_dir()),
-                                   "torch_threads": k.resources.torch_threads},
-            compute=ActorPoolStrategy(size=k.resources.replicas), batch_size=k.batch_size,
-            batch_format="numpy", **role_options(k.resources),
-        )
-        rows = ds.select_columns(["id", "features"]).take_all()
-        by_id = {r["id"]: np.asarray(r["features"], dtype=np.float32) for r in rows}
+        by_id = extract_image_features(table, self.cfg.knowledge, str(self.cfg.paths.cache_dir()))
         ids = table.column("id").to_pylist()
         dim = self.features()["train"].shape[1]
         decoded = np.array([i in by_id for i in ids], dtype=bool)

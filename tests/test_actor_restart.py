@@ -124,3 +124,61 @@ def test_a_stable_diffusion_drawer_runs_in_the_resident_pool_and_the_stream(tiny
     assert result["n_kept"] == result["n_described"] == table.num_rows > 0
     images = [Image.open(io.BytesIO(b)) for b in table.column("image").to_pylist()]
     assert {im.size for im in images} == {(28, 28)} and {im.mode for im in images} == {"L"}
+
+
+def _descendant_pid(marker: str, timeout_s: float = 120.0) -> int | None:
+    """A process of this test's own Ray cluster whose command line names ``marker``."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if any(marker in part for part in proc.cmdline()):
+                    return proc.pid
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        time.sleep(0.1)
+    return None
+
+
+def test_a_feature_extractor_actor_killed_mid_pass_is_restarted_and_every_image_is_featured_once(tiny_cache, tmp_path):
+    """The guard's feature pass (a Ray Data pool of FeatureBatchExtractor actors): the actor is
+    killed after it has started, Ray Data restarts it and retries the
+    batch in flight; every image gets its features once, equal to those of an uninterrupted pass."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import ray
+    from PIL import Image
+
+    from kka_ray.knowledge.features import extract_image_features
+
+    cfg = load_config(None, [*tiny_overrides(tiny_cache), "knowledge.batch_size=4"])
+    rng = np.random.default_rng(0)
+
+    def png(i):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    table = pa.table({"id": [f"a{i}" for i in range(400)], "image": [png(i) for i in range(400)]})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        clean = extract_image_features(table, cfg.knowledge, str(tiny_cache))
+        out: dict = {}
+        thread = threading.Thread(target=lambda: out.update(feats=extract_image_features(table, cfg.knowledge, str(tiny_cache))))
+        thread.start()
+        pid = _descendant_pid("FeatureBatchExtractor")
+        assert pid is not None, "no feature-extractor actor process appeared"
+        time.sleep(1.5)  # into the pass
+        assert thread.is_alive(), "the pass ended before the kill"
+        os.kill(pid, signal.SIGKILL)
+        thread.join(timeout=600)
+    finally:
+        ray.shutdown()
+    feats = out["feats"]
+    assert sorted(feats) == sorted(clean) == sorted(table.column("id").to_pylist())
+    for i in clean:
+        np.testing.assert_allclose(feats[i], clean[i], rtol=1e-5, atol=1e-6)

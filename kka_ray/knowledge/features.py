@@ -14,9 +14,12 @@ from __future__ import annotations
 import io
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from kka_ray.config import KnowledgeSection
 
 logger = logging.getLogger(__name__)
 
@@ -253,3 +256,24 @@ class FeatureBatchExtractor:
         out["features"] = features
         return out
 
+
+
+def extract_image_features(table: Any, k: "KnowledgeSection", cache_dir: str) -> dict[str, np.ndarray]:
+    """Backbone features of the PNG images in ``table`` (columns ``id``, ``image``), by id, through
+    a Ray Data pool of ``k.resources.replicas`` :class:`FeatureBatchExtractor` actors. An actor that
+    dies is restarted and its batch retried (Ray Data's actor pools restart without limit), so each
+    id appears once; ids whose image does not decode are absent."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from kka_ray.generation.pipeline import role_options
+
+    ds = ray.data.from_arrow(table.select(["id", "image"])).map_batches(
+        FeatureBatchExtractor,
+        fn_constructor_kwargs={"backbone": k.backbone, "image_size": k.image_size, "cache_dir": cache_dir,
+                               "torch_threads": k.resources.torch_threads},
+        compute=ActorPoolStrategy(size=k.resources.replicas), batch_size=k.batch_size, batch_format="numpy",
+        **role_options(k.resources),
+    )
+    rows = ds.select_columns(["id", "features"]).take_all()
+    return {r["id"]: np.asarray(r["features"], dtype=np.float32) for r in rows}

@@ -23,7 +23,7 @@ def tiny_overrides(cache: Path) -> list[str]:
         "detector.epochs=2", "detector.hidden_dims=[32]", "detector.rep_dim=8",
         "detector.simplenet.epochs=2", "detector.simplenet.embed_dim=32", "detector.simplenet.dsc_hidden=32",
         "detector.recontrast.epochs=1", "detector.recontrast.total_iters=4", "detector.cmda.n_samples=32",
-        "preference.max_steps=1", "preference.batch_size=2", "preference.max_pairs=4",
+        "preference.max_steps=1", "preference.batch_size=2", "preference.max_pairs=4", "preference.min_pairs=1",
         "audit.judge_per_class=30", "audit.judge_epochs=1", "preference.shift_prompts=2",
         "run.iterations=2", "run.progress=false", "ray.num_cpus=4",
     ]

@@ -9,6 +9,7 @@ and the base model (beta * [log pi(y|x) - log pi_ref(y|x)]).
 from __future__ import annotations
 
 import logging
+import os
 import math
 
 import pytest
@@ -392,3 +393,54 @@ def test_dpo_on_two_ray_train_workers_matches_one_process(tiny_lm, tmp_path, ray
     assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_dpo_job_replaces_a_killed_worker_and_finishes(tiny_lm, tmp_path, ray_two_cpus):
+    """A Ray Train DPO worker killed (SIGKILL) mid-job: FailureConfig starts a new worker group, the
+    job runs again from the same seed and leaves a whole adapter with every step done."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    from kka_ray.preference import run_dpo_ray_train
+
+    def workers() -> set[int]:  # this test's own Ray cluster only
+        out = set()
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if any("RayTrainWorker" in part for part in proc.cmdline()):
+                    out.add(proc.pid)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return out
+
+    pairs = build_pairs(RECORDS, max_pairs=4, seed=0, answer_prefix=PFX)
+    cfg = _cfg(max_steps=40, batch_size=2, num_workers=2, resources={"num_cpus": 1, "torch_threads": 1})
+    before, result = workers(), {}
+
+    def job():
+        try:
+            result["m"] = run_dpo_ray_train(tiny_lm, pairs, str(tmp_path / "adapter"), cfg,
+                                            storage_path=str(tmp_path / "rt"), name="dpo", answer_prefix=PFX, seed=0)
+        except Exception as err:  # surfaced below
+            result["error"] = err
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    deadline, victim = time.monotonic() + 300, None
+    while victim is None and time.monotonic() < deadline and thread.is_alive():
+        new = workers() - before
+        if len(new) == 2:
+            time.sleep(8.0)  # into the job: model loaded, training
+            victim = max(new)
+        time.sleep(0.2)
+    assert victim is not None and thread.is_alive(), "no DPO worker to kill while the job ran"
+    os.kill(victim, signal.SIGKILL)
+    thread.join(timeout=900)
+    assert "error" not in result, result.get("error")
+    assert result["m"]["steps"] == 40 and result["m"]["world_size"] == 2
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == sorted(ADAPTER_FILES)
+    assert victim not in workers()

@@ -255,7 +255,8 @@ def test_a_packed_run_unpacks_elsewhere_and_evaluates_as_the_original(finished_r
     assert [c["run"] for c in costed] == [finished_run.name, copy.name] and costed[0]["currency"] == "EUR"
     for c, run in zip(costed, (finished_run, copy)):
         secs = {f.stem: json.loads(f.read_text())["wall_seconds"] for f in (run / "stages").glob("*.json")}
-        cpu_s = sum(secs.values()) + sum(v for k, v in secs.items() if k.endswith(".generate"))
+        # generate holds two CPUs (describer + drawer), preference two (its Ray Train workers)
+        cpu_s = sum(secs.values()) + sum(v for k, v in secs.items() if k.endswith((".generate", ".preference")))
         assert c["money"] == pytest.approx(cpu_s * 3.6 / 3600) and c["cpu_seconds"] == pytest.approx(cpu_s)
         assert c["money_per_hard_anomaly"] == (pytest.approx(c["money"] / c["hard"]) if c["hard"] else None)
         assert sum(d["money"] for d in c["stages"].values()) == pytest.approx(c["money"])

@@ -66,7 +66,7 @@ CONFIG_ENV = "KKA_CONFIG_YAML"
 MAX_CONFIG_BYTES = 100_000
 # Never uploaded (gitignore syntax; Ray also honours the repository's .gitignore).
 DEFAULT_EXCLUDES = [
-    ".git/", ".venv/", "venv/", "runs/", "benchmarks/results/", "__pycache__/", "*.egg-info/",
+    ".git/", ".venv/", ".venv-*/", "venv/", "runs/", "benchmarks/results/", "__pycache__/", "*.egg-info/",
     ".pytest_cache/", "build/", "dist/",
 ]
 # Parts of environment variable names that mark credentials: such variables are never sent.

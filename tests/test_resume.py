@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -73,21 +74,25 @@ def test_resume_refuses_overrides_and_missing_dir(tmp_path, capsys):
 KILL_POINTS = [("prep", None, "prep"), ("baselines", "prep", "baselines"), ("generate", "baselines", "iter1.generate"),
                ("guard", "iter1.generate", "iter1.guard"), ("evaluate", "iter1.guard", "iter1.evaluate"),
                ("update", "iter1.audit", "iter1.detect"), ("detect", "iter1.update", "iter1.detect"),
-               ("preference", "iter1.detect", "iter1.preference")]
+               ("preference", "iter1.detect", "iter1.preference"), ("generate", "iter1.preference", "iter2.generate")]
 
 
 def _anomaly_ids(run_dir, k):
+    """Iteration k's anomaly ids without the run-name prefix (``<run>/it<k>/p<prompt>/s<sample>``)."""
     import pyarrow.parquet as pq
 
-    return pq.read_table(run_dir / "anomalies" / f"iter_{k}.parquet", columns=["id"]).column("id").to_pylist()
+    ids = pq.read_table(run_dir / "anomalies" / f"iter_{k}.parquet", columns=["id"]).column("id").to_pylist()
+    assert all(i.startswith(f"{run_dir.name}/") for i in ids)
+    return [i.split("/", 1)[1] for i in ids]
 
 
 def test_driver_killed_in_every_stage_kind_resumes_to_the_uninterrupted_result(tiny_cache, tmp_path):
     """One run whose driver is killed (SIGKILL to its process group, Ray included) once inside each
-    stage kind in turn: prep, baselines, generate, guard, evaluate, update, detect, preference, each
-    time resumed with `kka run --resume` until the next kill. It finishes; the stage records and
-    anomaly stores written before a kill are byte-identical afterwards; ids are unique; and the
-    anomalies of every iteration are those of an uninterrupted run with the same seed."""
+    stage kind in turn: prep, baselines, generate, guard, evaluate, update, detect, preference (and
+    iteration 2's generate), each time resumed with `kka run --resume` until the next kill. It
+    finishes; the stage records written before a kill and the stores of iterations completed
+    before one are byte-identical afterwards; ids are unique; and the anomalies of every iteration
+    are those of an uninterrupted run with the same seed."""
     overrides = tiny_overrides(tiny_cache)
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     assert main(["run", "--output", str(ref_dir), *overrides]) == 0
@@ -113,11 +118,15 @@ def test_driver_killed_in_every_stage_kind_resumes_to_the_uninterrupted_result(t
             proc.wait()
         done = _completed(run_dir)
         assert not_done not in done, (kind, done)  # killed before it ended
-        for p in list((run_dir / "stages").glob("*.json")) + list((run_dir / "anomalies").glob("*.parquet")):
+        # stage records are written once; an iteration's store is updated by its own stages until the
+        # iteration ends, and from then on must stay as it is
+        finished = [p for p in (run_dir / "anomalies").glob("iter_*.parquet") if f"iter{p.stem[5:]}.preference" in done]
+        for p in list((run_dir / "stages").glob("*.json")) + finished:
             frozen.setdefault(p.relative_to(run_dir), p.read_bytes())
 
     assert main(["run", "--resume", str(run_dir)]) == 0
     assert json.loads((run_dir / "state.json").read_text())["finished"] is True
+    assert Path("anomalies/iter_1.parquet") in frozen  # iteration 1 ended before the last kill
     for rel, data in frozen.items():  # nothing written before a kill was rewritten
         assert (run_dir / rel).read_bytes() == data, rel
     for k in (1, 2):

@@ -50,3 +50,18 @@ def _quiet_ray(monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     yield
+
+
+def own_ray_pids(marker: str) -> set[int]:
+    """Processes of this test process's own Ray cluster (its descendants) whose command line names
+    ``marker`` (e.g. "RayTrainWorker"): another Ray session on the machine is never touched."""
+    import psutil
+
+    pids = set()
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if any(marker in part for part in proc.cmdline()):
+                pids.add(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return pids

@@ -323,18 +323,9 @@ def test_two_ray_train_workers_fit_as_one(ray_cluster, data, tmp_path):
 
 
 def _train_worker_pids() -> set[int]:
-    """Ray Train worker processes of this test's own Ray cluster (descendants of this process, so
-    another Ray session on the machine is never touched)."""
-    import psutil
+    from conftest import own_ray_pids
 
-    pids = set()
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if any("RayTrainWorker" in part for part in proc.cmdline()):
-                pids.add(proc.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return pids
+    return own_ray_pids("RayTrainWorker")
 
 
 @pytest.mark.slow

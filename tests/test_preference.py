@@ -403,19 +403,12 @@ def test_the_dpo_job_replaces_a_killed_worker_and_finishes(tiny_lm, tmp_path, ra
     import threading
     import time
 
-    import psutil
-
     from kka_ray.preference import run_dpo_ray_train
 
+    from conftest import own_ray_pids
+
     def workers() -> set[int]:  # this test's own Ray cluster only
-        out = set()
-        for proc in psutil.Process().children(recursive=True):
-            try:
-                if any("RayTrainWorker" in part for part in proc.cmdline()):
-                    out.add(proc.pid)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        return out
+        return own_ray_pids("RayTrainWorker")
 
     pairs = build_pairs(RECORDS, max_pairs=4, seed=0, answer_prefix=PFX)
     cfg = _cfg(max_steps=40, batch_size=2, num_workers=2, resources={"num_cpus": 1, "torch_threads": 1})

@@ -65,3 +65,17 @@ def own_ray_pids(marker: str) -> set[int]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return pids
+
+
+def wait_for_own_ray_pid(marker: str, exclude: set[int] = frozenset(), timeout_s: float = 120.0) -> int | None:
+    """The first process of ``own_ray_pids(marker)`` not in ``exclude`` to appear (None after
+    ``timeout_s``): a process of an earlier pass that is still exiting is never chosen."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        fresh = own_ray_pids(marker) - set(exclude)
+        if fresh:
+            return min(fresh)
+        time.sleep(0.1)
+    return None

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import tiny_overrides
+from conftest import own_ray_pids, tiny_overrides, wait_for_own_ray_pid
 from kka_ray.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -126,22 +126,6 @@ def test_a_stable_diffusion_drawer_runs_in_the_resident_pool_and_the_stream(tiny
     assert {im.size for im in images} == {(28, 28)} and {im.mode for im in images} == {"L"}
 
 
-def _descendant_pid(marker: str, timeout_s: float = 120.0) -> int | None:
-    """A process of this test's own Ray cluster whose command line names ``marker``."""
-    import psutil
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for proc in psutil.Process().children(recursive=True):
-            try:
-                if any(marker in part for part in proc.cmdline()):
-                    return proc.pid
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        time.sleep(0.1)
-    return None
-
-
 def test_a_feature_extractor_actor_killed_mid_pass_is_restarted_and_every_image_is_featured_once(tiny_cache, tmp_path):
     """The guard's feature pass (a Ray Data pool of FeatureBatchExtractor actors): the actor is
     killed after it has started, Ray Data restarts it and retries the
@@ -164,19 +148,21 @@ def test_a_feature_extractor_actor_killed_mid_pass_is_restarted_and_every_image_
         return buf.getvalue()
 
     table = pa.table({"id": [f"a{i}" for i in range(400)], "image": [png(i) for i in range(400)]})
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(feats=extract_image_features(table, cfg.knowledge, str(tiny_cache))))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         clean = extract_image_features(table, cfg.knowledge, str(tiny_cache))
-        out: dict = {}
-        thread = threading.Thread(target=lambda: out.update(feats=extract_image_features(table, cfg.knowledge, str(tiny_cache))))
+        first_pass = own_ray_pids("FeatureBatchExtractor")  # may linger a moment after their pass
         thread.start()
-        pid = _descendant_pid("FeatureBatchExtractor")
+        pid = wait_for_own_ray_pid("FeatureBatchExtractor", exclude=first_pass)
         assert pid is not None, "no feature-extractor actor process appeared"
         time.sleep(1.5)  # into the pass
         assert thread.is_alive(), "the pass ended before the kill"
         os.kill(pid, signal.SIGKILL)
-        thread.join(timeout=600)
     finally:
+        if thread.is_alive():  # a pass left running after Ray stops would bring the test process down
+            thread.join(timeout=600)
         ray.shutdown()
     feats = out["feats"]
     assert sorted(feats) == sorted(clean) == sorted(table.column("id").to_pylist())

@@ -48,7 +48,7 @@ def measure(cfg: Any, backend: str, prompts: list[dict[str, Any]], rounds: int) 
     from transformers import AutoTokenizer
 
     from kka_ray.generation.describer import Describer
-    from kka_ray.generation.pipeline import start_pool
+    from kka_ray.cluster import start_pool
     from kka_ray.generation.text import resolve_model_path
 
     sec = cfg.describer.model_copy(deep=True)

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from kka_ray.config import load_config
     from kka_ray.evaluation.runner import evaluate_run
-    from kka_ray.loop import init_ray
+    from kka_ray.cluster import init_ray
 
     classes, modes = parse_classes(args.classes), [m.strip() for m in args.modes.split(",") if m.strip()]
     args.iterations = {m: args.iterations for m in modes} | {k: int(v) for k, v in (i.split("=") for i in args.iterations_for)}

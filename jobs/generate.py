@@ -10,7 +10,7 @@ runs on; writes to run.storage_path; exits non-zero with a one-line `kka: error:
 
 import sys
 
-from kka_ray.submit import generate_main
+from kka_ray.drivers import generate_main
 
 if __name__ == "__main__":
     sys.exit(generate_main(sys.argv[1:]))

@@ -11,7 +11,7 @@ that `kka submit` sends in KKA_CONFIG_YAML is read as --config. Exits non-zero w
 import sys
 
 from kka_ray.cli import main
-from kka_ray.submit import job_config_args
+from kka_ray.drivers import job_config_args
 
 if __name__ == "__main__":
     sys.exit(main(["run", *job_config_args(sys.argv[1:])]))

@@ -9,7 +9,7 @@ back by kka_ray/storage.py). Needs iterK.evaluate complete; exits non-zero with 
 
 import sys
 
-from kka_ray.submit import preference_main
+from kka_ray.drivers import preference_main
 
 if __name__ == "__main__":
     sys.exit(preference_main(sys.argv[1:]))

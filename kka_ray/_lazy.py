@@ -1,5 +1,6 @@
-"""Lazy package exports: ``__getattr__ = lazy_exports(__name__, {"Name": "module"})`` imports a
-submodule only when one of its names is first used, so importing a package loads no torch or ray."""
+"""Lazy package exports: ``__getattr__, __all__ = lazy_exports(__name__, {"module": "Name other"})``
+imports a submodule only when one of its names is first used, so importing a package loads no
+torch or ray."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import importlib
 from typing import Any, Callable
 
 
-def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
-    """A module-level ``__getattr__`` resolving ``exports`` (name -> submodule) on first access."""
+def lazy_exports(package: str, modules: dict[str, str]) -> tuple[Callable[[str], Any], list[str]]:
+    """A module-level ``__getattr__`` resolving the names of ``modules`` (submodule -> names
+    separated by spaces) on first access, and the sorted ``__all__``."""
+    exports = {name: module for module, names in modules.items() for name in names.split()}
 
     def __getattr__(name: str) -> Any:
         module = exports.get(name)
@@ -16,4 +19,4 @@ def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         return getattr(importlib.import_module(f"{package}.{module}"), name)
 
-    return __getattr__
+    return __getattr__, sorted(exports)

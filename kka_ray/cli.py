@@ -19,6 +19,7 @@ import logging
 import sys
 
 from kka_ray.config import USER_ERRORS, ConfigError, load_config
+from kka_ray.drivers import setup_logging
 
 logger = logging.getLogger("kka_ray")
 
@@ -70,11 +71,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kka_ray").setLevel(getattr(logging, level))
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["prepare", "drawer"]:
@@ -94,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     try:
         if args.command == "run":
-            from kka_ray.storage import check_run, create_run, resume_run
+            from kka_ray.drivers import check_run, create_run, resume_run
 
             if args.resume and (args.config or args.overrides):
                 raise ConfigError("--resume continues a run with its own config.yaml: drop --config and overrides")

@@ -25,50 +25,23 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from kka_ray.detectors.threshold import DEFAULT_QUANTILE, check_distances, distance_threshold  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from kka_ray.config import EvaluatorSection
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_QUANTILE = 0.95
-
-
-def _distances(values: np.ndarray, what: str) -> np.ndarray:
-    d = np.asarray(values, dtype=np.float64)
-    if d.ndim != 1:
-        raise ValueError(f"{what} must be a 1-d array of distances, got shape {d.shape}")
-    if not np.isfinite(d).all():
-        raise ValueError(f"{what} has {int((~np.isfinite(d)).sum())} non-finite values (NaN/inf): the evaluator diverged")
-    return d
-
-
-def distance_threshold(
-    normal_distances: np.ndarray, rule: Literal["max", "quantile"] = "max", q: float = DEFAULT_QUANTILE
-) -> float:
-    """``tau`` from held-out normal distances: their maximum (``rule='max'``) or ``q``-quantile
-    (``rule='quantile'``, numpy's linear interpolation)."""
-    d = _distances(normal_distances, "normal_distances")
-    if d.size == 0:
-        raise ValueError("normal_distances is empty: the threshold needs held-out normal samples")
-    if rule == "max":
-        return float(d.max())
-    if rule == "quantile":
-        if not 0.0 < q < 1.0:
-            raise ValueError(f"quantile q must be in (0, 1), got {q}")
-        return float(np.quantile(d, q))
-    raise ValueError(f"unknown threshold rule {rule!r}; use 'max' or 'quantile'")
-
-
 def split_hard_easy(
     distances: np.ndarray, tau: float, easy_top_m: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(is_hard, is_easy)`` boolean masks: hard ``d <= tau``; easy the rest, or only the
     ``easy_top_m`` farthest of the rest (ties broken by position, earlier first)."""
-    d = _distances(distances, "distances")
+    d = check_distances(distances, "distances")
     if not np.isfinite(tau):
         raise ValueError(f"tau must be finite, got {tau}")
     is_hard = d <= tau
@@ -108,7 +81,7 @@ class ConfusionEvaluator:
     def __init__(self, cfg: "EvaluatorSection", seed: int = 0):
         self.cfg = cfg
         self.seed = seed
-        self.state_: Any = None  # kka_ray.training.trainer.DeepSADState
+        self.state_: Any = None  # kka_ray.detectors.deep_sad.train.DeepSADState
         self.tau_: float | None = None
         self.heldout_distances_: np.ndarray | None = None
         self.val_auroc_: float | None = None
@@ -119,7 +92,7 @@ class ConfusionEvaluator:
         held-out normals vs ``val_anomalies`` (when there are any); set ``tau_`` from the held-out normals."""
         import shutil
 
-        from kka_ray.training.trainer import train_deep_sad
+        from kka_ray.detectors.deep_sad.train import train_deep_sad
 
         shutil.rmtree(Path(storage_path) / name, ignore_errors=True)  # a killed stage restarts clean
         normals = np.asarray(normals, np.float32)
@@ -166,7 +139,7 @@ class ConfusionEvaluator:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, cfg: "EvaluatorSection") -> "ConfusionEvaluator":
-        from kka_ray.training.trainer import DeepSADState
+        from kka_ray.detectors.deep_sad.train import DeepSADState
 
         ev = cls(cfg)
         ev.state_ = DeepSADState.load(directory)

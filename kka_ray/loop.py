@@ -24,7 +24,6 @@ import contextlib
 import json
 import logging
 import os
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from kka_ray.cluster import init_ray
 from kka_ray.config import ConfigError, KKAConfig, load_config
 from kka_ray.data.store import (
     AnomalyStore, Member, kept_mask, save_anomaly_set, update_anomaly_set, write_json_atomic,
@@ -76,44 +76,6 @@ def new_run_dir(cfg: KKAConfig, output: str | None) -> Path:
     if cfg.run.output_dir:
         return Path(cfg.run.output_dir)
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-def init_ray(cfg: KKAConfig) -> bool:
-    """Join the configured cluster or start a local one; returns True if this call started Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    level = getattr(logging, cfg.run.log_level)
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=level, log_to_driver=level <= logging.INFO)
-    else:
-        # "local": a fresh cluster of this config's size, even when `ray start` left one running
-        # on this machine (ray.init() would join that one instead). Ray turns token authentication
-        # on for a new local cluster and says so on every start; the mode stays Ray's choice
-        # (RAY_AUTH_MODE=disabled opts out), the notice is kept off the user's terminal.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        ray.init(
-            address="local",
-            num_cpus=cfg.ray.num_cpus,
-            include_dashboard=cfg.ray.include_dashboard,
-            dashboard_host=cfg.ray.dashboard_host,
-            object_store_memory=cfg.ray.object_store_memory,
-            logging_level=level,
-            log_to_driver=level <= logging.INFO,
-        )
-    # Ray Data re-reads its log level from the environment whenever it configures its loggers.
-    os.environ.setdefault("RAY_DATA_LOG_LEVEL", logging.getLevelName(level))
-    import ray.data
-
-    for name in ("ray.data", "ray.train", "ray.tune"):
-        logging.getLogger(name).setLevel(level)
-    ctx = ray.data.DataContext.get_current()
-    # Off a terminal Ray Data turns bars into periodic log lines: keep those quiet.
-    ctx.enable_progress_bars = cfg.run.progress and sys.stderr.isatty()
-    ctx.print_on_execution_start = False
-    return True
 
 
 class KKARun:
@@ -516,7 +478,7 @@ class KKARun:
         shift it caused, measured on fixed held-out prompts and seeds."""
         import ray
 
-        from kka_ray.generation.pipeline import one_shot_task
+        from kka_ray.cluster import one_shot_task
         from kka_ray.generation.text import resolve_model_path
         from kka_ray.knowledge.prompts import resolve_template
         from kka_ray.preference.dpo import dpo_remote_entry, run_dpo_ray_train

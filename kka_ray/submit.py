@@ -17,11 +17,8 @@ is sent: only ``job.env_vars`` and the names in ``job.forward_env``, and names t
 credentials are refused (:func:`check_env_names`) because runtime envs are readable by anyone
 who can read the dashboard.
 
-Job side: ``jobs/generate.py`` runs :func:`generate_main` (prep + generation of iteration 1
-into the run directory) and ``jobs/preference.py`` :func:`preference_main` (the DPO update of
-one evaluated iteration); ``jobs/kka_run.py`` is ``kka run`` and ``jobs/evaluate.py`` is
-``kka eval``. Every job joins the cluster it runs on (Ray sets ``RAY_ADDRESS`` for a job's
-driver, and kka_ray.loop.init_ray joins it) and writes its run directory to
+Job side: the scripts in ``jobs/`` run the drivers of kka_ray/drivers.py. Every job joins the cluster it runs on (Ray sets ``RAY_ADDRESS`` for a job's
+driver, and kka_ray.cluster.init_ray joins it) and writes its run directory to
 ``run.storage_path`` (kka_ray/storage.py). A failure exits non-zero with one ``kka: error:``
 line on stderr, so the job ends FAILED with the reason in its logs.
 """
@@ -30,14 +27,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import logging
 import os
 import secrets
 import shlex
-import shutil
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from datetime import datetime
@@ -47,8 +41,8 @@ from typing import Any, Iterator, Mapping, TextIO
 import yaml
 
 import kka_ray
-from kka_ray.cli import setup_logging
-from kka_ray.config import USER_ERRORS, ConfigError, KKAConfig, load_config
+from kka_ray.config import ConfigError, KKAConfig, load_config
+from kka_ray.drivers import CONFIG_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +54,6 @@ JOB_SCRIPTS = {
 }
 # Ray's default job server (dashboard) address on the head node.
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-# The job's environment variable that carries the submitted config file's text.
-CONFIG_ENV = "KKA_CONFIG_YAML"
 # Environment variables larger than this are refused by exec() on Linux (MAX_ARG_STRLEN).
 MAX_CONFIG_BYTES = 100_000
 # Never uploaded (gitignore syntax; Ray also honours the repository's .gitignore).
@@ -456,86 +448,4 @@ def cli_command(args: argparse.Namespace) -> int:
     except JobServerError as err:
         print(f"kka: error: {err}", file=sys.stderr)
         return 2
-    return 0
-
-
-# ---------------------------------------------------------------------------------------
-# the job side (jobs/*.py)
-
-
-def job_config_args(argv: list[str], environ: Mapping[str, str] = os.environ) -> list[str]:
-    """``argv`` with ``--config FILE`` added when kka submit sent the config text in KKA_CONFIG_YAML."""
-    text = environ.get(CONFIG_ENV)
-    if text is None or "--config" in argv or "-c" in argv or any(a.startswith("--config=") for a in argv):
-        return list(argv)
-    path = Path(tempfile.mkdtemp(prefix="kka-job-")) / "submitted-config.yaml"
-    path.write_text(text)
-    atexit.register(shutil.rmtree, path.parent, True)  # the run directory keeps the resolved config
-    return ["--config", str(path), *argv]
-
-
-def _job_errors(fn):
-    """One ``kka: error:`` line on stderr and exit 2 for wrong input (config, paths, stage order)."""
-
-    def wrapper(argv: list[str] | None = None) -> int:
-        try:
-            return fn(list(sys.argv[1:] if argv is None else argv))
-        except USER_ERRORS as err:
-            print(f"kka: error: {err}", file=sys.stderr)
-            return 2
-
-    wrapper.__doc__, wrapper.__name__ = fn.__doc__, fn.__name__
-    return wrapper
-
-
-@_job_errors
-def generate_main(argv: list[str]) -> int:
-    """jobs/generate.py: prep (Eq. 1, 2) and generation of iteration 1 (Eq. 3, 4) into a new run
-    directory: ``generated/iter_1/*.parquet``, read back with kka_ray.generation.pipeline.read_generated.
-    ``kka run --resume`` continues that run with its baselines and evaluation."""
-    from kka_ray.storage import create_run
-
-    p = argparse.ArgumentParser(prog="jobs/generate.py", description=generate_main.__doc__)
-    p.add_argument("--config", "-c", help="YAML config file (default: the embedded default)")
-    p.add_argument("--output", "-o", help="run directory (a name under run.storage_path when that is set)")
-    p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
-    args = p.parse_args(job_config_args(argv))
-    run, where = create_run(load_config(args.config, args.overrides), args.output)
-    setup_logging(run.cfg.run.log_level)
-    out = where.execute(run, ["prep", "iter1.generate"], cleanup=False)
-    n = run.stage_result("iter1.generate").get("n_kept", 0)
-    where.cleanup()
-    print(f"generation complete: {n} anomalies in {out}/generated/iter_1/")
-    return 0
-
-
-@_job_errors
-def preference_main(argv: list[str]) -> int:
-    """jobs/preference.py: the DPO update (Eq. 7) of iteration K of an existing run, whose
-    iterK.evaluate stage is complete: writes adapters/iter_K and records iterK.preference."""
-    from kka_ray.storage import resume_run
-
-    p = argparse.ArgumentParser(prog="jobs/preference.py", description=preference_main.__doc__)
-    p.add_argument("--run-dir", required=True, help="the run directory (a path or a storage URI)")
-    p.add_argument("--iteration", type=int, required=True, help="the evaluated iteration K")
-    args = p.parse_args(argv)
-    run, where = resume_run(args.run_dir)
-    k, done = args.iteration, run.state.data["completed"]
-    problem = None
-    if not 1 <= k <= run.cfg.run.iterations:
-        problem = f"--iteration {k} is outside this run's iterations 1..{run.cfg.run.iterations}"
-    elif f"iter{k}.evaluate" not in done:
-        problem = (f"iteration {k} of {where.uri} is not evaluated yet (completed stages: {done or 'none'}): the DPO "
-                   f"update needs iter{k}.evaluate; continue the run first (kka submit run --resume DIR)")
-    if problem or f"iter{k}.preference" in done:
-        where.cleanup()  # a remote run's staging copy: nothing changed
-        if problem:
-            raise ConfigError(problem)
-        print(f"iteration {k} of {where.uri} already has its DPO update (adapter version {run.state.data['adapter_version']})")
-        return 0
-    setup_logging(run.cfg.run.log_level)
-    out = where.execute(run, [f"iter{k}.preference"], cleanup=False)
-    result = run.stage_result(f"iter{k}.preference")
-    where.cleanup()
-    print(f"preference complete: {result.get('n_pairs', 0)} pairs -> {out}/adapters/iter_{k}")
     return 0

@@ -221,7 +221,7 @@ def test_checkpoint_is_safetensors_and_round_trips(fitted, data, tmp_path):
     from safetensors import safe_open
 
     from kka_ray.detectors.deep_sad import DeepSAD
-    from kka_ray.training.trainer import DeepSADState
+    from kka_ray.detectors.deep_sad.train import DeepSADState
 
     ckpt = fitted.checkpoint_path_
     assert os.path.basename(ckpt) == "deep_sad_final"
@@ -249,7 +249,7 @@ def test_checkpoint_is_safetensors_and_round_trips(fitted, data, tmp_path):
 
 @pytest.mark.slow
 def test_arrays_become_a_tensor_dataset_with_its_shape(ray_cluster):
-    from kka_ray.training.trainer import _dataset_in_shape, arrays_to_dataset
+    from kka_ray.detectors.deep_sad.train import _dataset_in_shape, arrays_to_dataset
 
     x = np.arange(40 * 3, dtype=np.float32).reshape(40, 3)
     labels = np.r_[np.zeros(30, np.int64), -np.ones(10, np.int64)]

@@ -164,7 +164,7 @@ def test_completion_prompt_keeps_the_text_and_adds_bos_only_where_the_tokenizer_
 def test_vllm_backend_without_vllm_gives_clear_error(tiny_lm):
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")
-    from kka_ray.generation.text import make_text_generator
+    from kka_ray.generation.describer import make_text_generator
     from kka_ray.generation.vllm_text import VLLMTextGenerator
 
     with pytest.raises(RuntimeError, match=r"pip install 'kka-ray\[gpu\]'"):

@@ -125,7 +125,7 @@ def test_trainer_and_feature_roles_land_on_their_nodes(cluster, tiny_cache):
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from kka_ray.generation.pipeline import role_options
+    from kka_ray.cluster import role_options
 
     cfg = _gpu_config_on_cpu(tiny_cache)
 
@@ -167,7 +167,7 @@ def _probe_class() -> type:
 def test_strict_spread_pool_uses_distinct_nodes(cluster):
     import ray
 
-    from kka_ray.generation.pipeline import start_pool
+    from kka_ray.cluster import start_pool
 
     workers = [n for ids in cluster.values() for n in ids]
     res = RoleResources(num_cpus=1, replicas=len(workers), placement_strategy="STRICT_SPREAD")
@@ -193,7 +193,7 @@ def test_strict_spread_pool_uses_distinct_nodes(cluster):
 def test_unplaceable_pool_fails_naming_the_role(cluster):
     import ray
 
-    from kka_ray.generation.pipeline import start_pool
+    from kka_ray.cluster import start_pool
 
     # one node advertises kka_describer: two describers cannot be spread over distinct nodes
     res = RoleResources(num_cpus=1, replicas=2, resources={"kka_describer": 1}, placement_strategy="STRICT_SPREAD")
@@ -209,7 +209,7 @@ def test_one_shot_tasks_get_a_fresh_worker_process_each(cluster):
     """DPO's task runs with max_calls=1: a reused worker would keep a stale CUDA context."""
     import ray
 
-    from kka_ray.generation.pipeline import one_shot_task
+    from kka_ray.cluster import one_shot_task
 
     def _pid() -> int:  # defined here so that Ray ships it by value
         import os

@@ -14,7 +14,8 @@ import pytest
 
 from conftest import tiny_overrides
 from kka_ray.config import load_config
-from kka_ray.loop import KKARun, init_ray
+from kka_ray.cluster import init_ray
+from kka_ray.loop import KKARun
 
 pytestmark = pytest.mark.slow
 

@@ -16,10 +16,11 @@ import yaml
 
 from kka_ray.cli import main
 from kka_ray.config import ConfigError, load_config
-from kka_ray.storage import RunLocation, is_uri, join, new_run_location, staging_dir
+from kka_ray.drivers import job_config_args, new_run_location
+from kka_ray.storage import RunLocation, is_uri, join, staging_dir
 from kka_ray.submit import (
-    CONFIG_ENV, DEFAULT_ADDRESS, JOB_SCRIPTS, build_entrypoint, build_runtime_env, job_arguments,
-    job_config_args, looks_secret, repo_root, resolve_address, results_location,
+    CONFIG_ENV, DEFAULT_ADDRESS, JOB_SCRIPTS, build_entrypoint, build_runtime_env, job_arguments, looks_secret,
+    repo_root, resolve_address, results_location,
 )
 
 ROOT = repo_root()
@@ -303,8 +304,8 @@ def test_evaluate_job_forwards_to_kka_eval(tmp_path):
 
 def test_preference_job_on_a_storage_uri_downloads_and_checks_the_state(tmp_path, capsys):
     from kka_ray.loop import RunState
-    from kka_ray.storage import create_run, resume_run
-    from kka_ray.submit import preference_main
+    from kka_ray.drivers import create_run, resume_run
+    from kka_ray.drivers import preference_main
 
     cfg = load_config(None, ["run.iterations=1", f"run.storage_path=file://{tmp_path}/store"])
     run, where = create_run(cfg, "r1")  # staged locally, config.yaml uploaded at once

@@ -86,7 +86,7 @@ def test_vllm_describer_in_a_resident_actor_takes_a_dpo_adapter(smollm2, ray_loc
 
     from kka_ray.config import DescriberSection, RoleResources
     from kka_ray.generation.describer import Describer
-    from kka_ray.generation.pipeline import start_pool
+    from kka_ray.cluster import start_pool
 
     cache, name = smollm2
     res = RoleResources(num_cpus=1, torch_threads=1, env_vars=vllm_env(tmp_path / "vllm"), max_restarts=0)

@@ -97,7 +97,6 @@ class AnomalyStore:
     def read(self, iterations: Iterable[int] | None = None, columns: list[str] | None = None) -> Any:
         """All rows of the given iterations (default: all) as one pyarrow table."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         its = list(self.iterations() if iterations is None else iterations)
         tables = [_with_guard_columns(self.path(k), columns) for k in its if self.path(k).is_file()]

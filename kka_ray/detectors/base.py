@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from kka_ray.evaluator import DEFAULT_QUANTILE, distance_threshold
+from kka_ray.detectors.threshold import DEFAULT_QUANTILE, distance_threshold
 
 logger = logging.getLogger(__name__)
 

@@ -90,7 +90,7 @@ def run_eval(args: argparse.Namespace) -> int:
             rows += cached_rows(run, detectors, overrides)
     else:
         from kka_ray.evaluation.runner import run_config
-        from kka_ray.loop import init_ray
+        from kka_ray.cluster import init_ray
 
         started = init_ray(run_config(runs[0], overrides))
         try:

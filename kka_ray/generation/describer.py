@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from kka_ray.generation.parsing import DROP_REASONS, description_key, parse_desc
 
 if TYPE_CHECKING:
     from kka_ray.config import DescriberSection
+    from kka_ray.generation.text import TextGenerator
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +47,6 @@ class Describer:
     """Resident LLM + current LoRA adapter: prompts in, parsed anomaly descriptions out."""
 
     def __init__(self, cfg: "DescriberSection", cache_dir: str | os.PathLike, device: str = "cpu") -> None:
-        from kka_ray.generation.text import make_text_generator
-
         threads = cfg.resources.torch_threads
         if threads is not None:
             import torch
@@ -171,3 +171,41 @@ class Describer:
         }
 
     __call__ = describe  # so Ray Data can use the class directly in map_batches
+
+
+def make_text_generator(cfg: "DescriberSection", cache_dir: str | os.PathLike, device: str = "cpu") -> "TextGenerator":
+    """Build the backend ``cfg.backend`` names, with the model resolved against ``cache_dir``."""
+    from kka_ray.generation.resolve import missing_model_message, resolve_model_path
+    from kka_ray.generation.text import TransformersTextGenerator
+    from kka_ray.knowledge.prompts import resolve_template
+
+    model_path = resolve_model_path(cfg.model, cache_dir)
+    common = dict(
+        chat=resolve_template(cfg).chat,
+        dtype=cfg.dtype,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        answer_prefix=cfg.answer_prefix,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    if cfg.backend == "vllm":
+        from kka_ray.generation.vllm_text import VLLMTextGenerator
+
+        return VLLMTextGenerator(
+            model_path,
+            max_lora_rank=cfg.max_lora_rank,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            stop_at_newline=cfg.first_sentence_only,
+            **common,
+            **cfg.engine_args,
+        )
+    if cfg.backend == "transformers":
+        try:
+            return TransformersTextGenerator(model_path, device=device, batch_size=cfg.batch_size,
+                                             stop_at_newline=cfg.first_sentence_only, **common)
+        except RuntimeError as err:
+            if "could not load" in str(err) and not Path(model_path).is_dir():
+                raise RuntimeError(missing_model_message(cfg.model, cache_dir) + f" ({err})") from err
+            raise
+    raise ValueError(f"describer.backend {cfg.backend!r} is not one of transformers, vllm")

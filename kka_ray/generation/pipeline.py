@@ -12,10 +12,8 @@ model is paid once and the describer takes each new LoRA adapter without a resta
 Data actor pools hold light proxies that forward each batch to a resident actor, so every
 stage is scheduled, batched and back-pressured by Ray Data, not by a loop on the driver.
 
-Placement: each role's actors ask for the resources of its config section (``role_options``:
-CPUs, GPUs, and custom resources such as ``kka_describer`` that only the role's nodes of the
-cluster definitions in ``cluster/`` advertise). With ``resources.placement_strategy`` a pool is
-reserved as one placement group (``start_pool``), e.g. STRICT_SPREAD for one actor per node.
+Placement: each role's actors ask for the resources of its config section, and a pool may be
+reserved as one placement group (kka_ray/cluster.py: ``role_options``, ``start_pool``).
 """
 
 from __future__ import annotations
@@ -30,94 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from kka_ray.config import KKAConfig, RoleResources
+from kka_ray.cluster import start_pool
+from kka_ray.config import KKAConfig
 from kka_ray.data.store import anomaly_id, item_seed
 
 logger = logging.getLogger(__name__)
 
 # Proxies only forward batches; they must not hold CPUs the resident actors need.
 PROXY_NUM_CPUS = 0.01
-
-
-# How long a role's placement group may wait for its nodes before the run stops with an error
-# naming the role: an autoscaler takes several minutes to bring up a GPU node.
-PLACEMENT_READY_TIMEOUT_S = 900.0
-
-
-def role_options(res: RoleResources) -> dict[str, Any]:
-    """Ray actor/task options for a role from its config section (also valid ``map_batches``
-    remote args): CPUs, GPUs, custom resources (which pick the role's nodes, see cluster/) and
-    the role's environment variables (merged into the job's runtime_env by Ray)."""
-    opts: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
-    if res.resources:
-        opts["resources"] = dict(res.resources)
-    if res.env_vars:
-        opts["runtime_env"] = {"env_vars": dict(res.env_vars)}
-    return opts
-
-
-def role_bundle(res: RoleResources) -> dict[str, float]:
-    """One placement-group bundle: the resources one actor of the role holds."""
-    bundle = {"CPU": res.num_cpus, "GPU": res.num_gpus, **res.resources}
-    return {k: float(v) for k, v in bundle.items() if v > 0}  # never empty: RoleResources checks it
-
-
-def start_pool(
-    role: str,
-    actor_cls: type,
-    res: RoleResources,
-    args: tuple = (),
-    ready_timeout_s: float = PLACEMENT_READY_TIMEOUT_S,
-) -> tuple[list[Any], Any]:
-    """Start ``res.replicas`` actors of ``actor_cls`` for ``role``; returns (actors, placement group).
-
-    With ``res.placement_strategy`` the pool is reserved as one placement group of ``replicas``
-    bundles (all or nothing) and actor ``i`` is pinned to bundle ``i``; without it each actor is
-    scheduled on its own and the placement group is None. A placement group that cannot be
-    reserved within ``ready_timeout_s`` is removed and raises an error naming the role.
-    """
-    import ray
-
-    # a resident actor that dies is restarted by Ray and the call in flight retried on it
-    opts = {**role_options(res), "max_restarts": res.max_restarts, "max_task_retries": res.max_restarts}
-    remote_cls = ray.remote(actor_cls)
-    if res.placement_strategy is None:
-        return [remote_cls.options(**opts).remote(*args) for _ in range(res.replicas)], None
-
-    from ray.exceptions import GetTimeoutError
-    from ray.util.placement_group import placement_group, remove_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    bundles = [role_bundle(res)] * res.replicas
-    pg = placement_group(bundles, strategy=res.placement_strategy, name=f"kka-{role}")
-    try:
-        ray.get(pg.ready(), timeout=ready_timeout_s)
-    except GetTimeoutError:
-        remove_placement_group(pg)
-        raise RuntimeError(
-            f"{role}: the cluster could not place {res.replicas} x {bundles[0]} with strategy "
-            f"{res.placement_strategy} within {ready_timeout_s:.0f} s. Check that enough nodes advertise "
-            f"these resources (cluster/ and `ray status`), or lower {role}.resources.replicas or relax "
-            f"{role}.resources.placement_strategy"
-        ) from None
-    logger.info("%s: placement group of %d x %s (%s) ready", role, res.replicas, bundles[0], res.placement_strategy)
-    actors = [
-        remote_cls.options(
-            **opts,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i),
-        ).remote(*args)
-        for i in range(res.replicas)
-    ]
-    return actors, pg
-
-
-def one_shot_task(fn: Any, res: RoleResources) -> Any:
-    """``fn`` as a Ray task with the role's resources, run in a fresh worker process each time
-    (``max_calls=1``: a reused worker would keep a stale CUDA context and process group) and not
-    retried by Ray (a failed stage is rerun by ``--resume``)."""
-    import ray
-
-    return ray.remote(max_calls=1)(fn).options(**role_options(res), max_retries=0)
 
 
 class ProxyCounter:

@@ -10,7 +10,7 @@ the DPO trainer uses it too.
 
 ``TransformersTextGenerator`` is the local default (CPU, batched ``generate``);
 ``kka_ray.generation.vllm_text.VLLMTextGenerator`` is the GPU-cluster backend with the same
-interface. ``make_text_generator`` picks one from the config.
+interface. ``describer.make_text_generator`` picks one from the config.
 """
 
 from __future__ import annotations
@@ -18,12 +18,9 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-from kka_ray.generation.resolve import missing_model_message, resolve_model_path
-
-if TYPE_CHECKING:
-    from kka_ray.config import DescriberSection
+from kka_ray.generation.resolve import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +33,6 @@ __all__ = [
     "TransformersTextGenerator",
     "format_chat_prompt",
     "format_prompt",
-    "make_text_generator",
     "resolve_model_path",
     "check_adapter_dir",
 ]
@@ -109,6 +105,15 @@ def check_adapter_dir(path: str | os.PathLike) -> Path:
             "(re-save it with save_pretrained(safe_serialization=True))"
         )
     return p
+
+
+def adapter_to_load(path: str | os.PathLike | None, version: int) -> Path | None:
+    """The checked adapter directory for ``version``; None for version 0 (the base model)."""
+    if version == 0:
+        return None
+    if version < 0:
+        raise ValueError(f"adapter version must be >= 0, got {version}")
+    return check_adapter_dir(path)
 
 
 def _torch_dtype(name: str):
@@ -215,12 +220,11 @@ class TransformersTextGenerator:
 
     def load_adapter(self, path: str, version: int) -> None:
         """Activate the adapter at ``path`` on the resident base model; drop the previous one."""
-        if version == 0:
+        checked = adapter_to_load(path, version)
+        if checked is None:
             self.unload_adapter()
             return
-        if version < 0:
-            raise ValueError(f"adapter version must be >= 0, got {version}")
-        adapter_dir = str(check_adapter_dir(path))
+        adapter_dir = str(checked)
         from peft import PeftModel
 
         self._adapter_count += 1
@@ -243,39 +247,3 @@ class TransformersTextGenerator:
             self.model = self.model.unload().eval()
             self._adapter_name = None
         self.adapter_version = 0
-
-
-def make_text_generator(cfg: "DescriberSection", cache_dir: str | os.PathLike, device: str = "cpu") -> TextGenerator:
-    """Build the backend ``cfg.backend`` names, with the model resolved against ``cache_dir``."""
-    from kka_ray.knowledge.prompts import resolve_template
-
-    model_path = resolve_model_path(cfg.model, cache_dir)
-    common = dict(
-        chat=resolve_template(cfg).chat,
-        dtype=cfg.dtype,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        answer_prefix=cfg.answer_prefix,
-        trust_remote_code=cfg.trust_remote_code,
-    )
-    if cfg.backend == "vllm":
-        from kka_ray.generation.vllm_text import VLLMTextGenerator
-
-        return VLLMTextGenerator(
-            model_path,
-            max_lora_rank=cfg.max_lora_rank,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            stop_at_newline=cfg.first_sentence_only,
-            **common,
-            **cfg.engine_args,
-        )
-    if cfg.backend == "transformers":
-        try:
-            return TransformersTextGenerator(model_path, device=device, batch_size=cfg.batch_size,
-                                             stop_at_newline=cfg.first_sentence_only, **common)
-        except RuntimeError as err:
-            if "could not load" in str(err) and not Path(model_path).is_dir():
-                raise RuntimeError(missing_model_message(cfg.model, cache_dir) + f" ({err})") from err
-            raise
-    raise ValueError(f"describer.backend {cfg.backend!r} is not one of transformers, vllm")

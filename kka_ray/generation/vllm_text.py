@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 
-from kka_ray.generation.text import check_adapter_dir, format_prompt
+from kka_ray.generation.text import adapter_to_load, format_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -103,12 +103,10 @@ class VLLMTextGenerator:
         return [[self.answer_prefix + c.text for c in out.outputs] for out in outputs]
 
     def load_adapter(self, path: str, version: int) -> None:
-        if version == 0:
+        adapter_dir = adapter_to_load(path, version)
+        if adapter_dir is None:
             self.unload_adapter()
             return
-        if version < 0:
-            raise ValueError(f"adapter version must be >= 0, got {version}")
-        adapter_dir = check_adapter_dir(path)
         rank = json.loads((adapter_dir / "adapter_config.json").read_text()).get("r")
         if isinstance(rank, int) and rank > self.max_lora_rank:
             raise ValueError(

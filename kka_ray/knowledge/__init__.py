@@ -13,18 +13,10 @@ from __future__ import annotations
 
 from kka_ray._lazy import lazy_exports
 
-_EXPORTS = {
-    "FeatureExtractor": "features",
-    "FeatureNormalizer": "features",
-    "FeatureBatchExtractor": "features",
-    "MahalanobisScorer": "mahalanobis",
-    "Representative": "selection",
-    "select_representatives": "selection",
-    "build_prompts": "prompts",
-    "resolve_template": "prompts",
-    "load_backbone": "backbones",
-    "prepare_efficientnet_lite0": "backbones",
-}
-
-__all__ = sorted(_EXPORTS)
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __all__ = lazy_exports(__name__, {
+    "features": "FeatureExtractor FeatureNormalizer FeatureBatchExtractor",
+    "mahalanobis": "MahalanobisScorer",
+    "selection": "Representative select_representatives",
+    "prompts": "build_prompts resolve_template",
+    "backbones": "load_backbone prepare_efficientnet_lite0",
+})

@@ -266,7 +266,7 @@ def extract_image_features(table: Any, k: "KnowledgeSection", cache_dir: str) ->
     import ray
     from ray.data import ActorPoolStrategy
 
-    from kka_ray.generation.pipeline import role_options
+    from kka_ray.cluster import role_options
 
     ds = ray.data.from_arrow(table.select(["id", "image"])).map_batches(
         FeatureBatchExtractor,

@@ -43,8 +43,6 @@ logger = logging.getLogger(__name__)
 # ~16 MB Arrow blocks stream well and leave several blocks per worker for the equal split.
 TARGET_BLOCK_BYTES = 16 * 1024**2
 MIN_BLOCKS_PER_WORKER = 2
-# Local Ray cluster started when the caller has none (tests, notebooks).
-LOCAL_RAY_CPUS = 2
 # Train v2's controller takes one result per worker per poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
 # 2 s) through a queue of size 1: reporting more often only blocks the workers.
 MIN_REPORT_INTERVAL_S = 2.0
@@ -54,18 +52,6 @@ TRAIN_MAX_FAILURES = 2
 # Local shuffle buffer, in batches: enough to mix rows of neighbouring blocks (arrays_to_dataset
 # already permutes the rows once) without holding the whole shard in memory.
 SHUFFLE_BUFFER_BATCHES = 8
-
-
-def ensure_ray() -> None:
-    """Start a small local Ray cluster if the caller has not initialised Ray."""
-    import ray
-
-    if not ray.is_initialized():
-        logger.warning(
-            "Ray is not initialised: starting a local cluster (num_cpus=%d, no dashboard); "
-            "call ray.init(...) first to use an existing cluster", LOCAL_RAY_CPUS,
-        )
-        ray.init(address="local", num_cpus=LOCAL_RAY_CPUS, include_dashboard=False)
 
 
 @dataclass
@@ -209,6 +195,8 @@ def fit_torch(
     """
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from kka_ray.cluster import ensure_ray
 
     ensure_ray()
     if "train" not in datasets:

@@ -1,26 +1,20 @@
-"""Deep SAD (Ruff et al., ICLR 2020; method.md Eq. 5): networks, loss, and the detector API.
+"""Deep SAD (Ruff et al., ICLR 2020; method.md Eq. 5): networks, loss, its Ray Train code, and
+the detector API. The confusion evaluator (``kka_ray.evaluator``) trains through the same code.
 
 Names resolve lazily, so ``import kka_ray.detectors.deep_sad`` does not import torch:
-``DeepSAD`` (model.py), ``deep_sad_loss`` / ``center_from_sums`` (loss.py), ``MLPNet``,
-``CNNNet``, ``MLPAutoencoder``, ``CNNAutoencoder``, ``build_network``,
-``build_autoencoder`` (torch_model.py).
+``DeepSAD`` (model.py), ``deep_sad_loss`` / ``center_from_sums`` (loss.py), the networks
+(torch_model.py), ``train_deep_sad`` / ``DeepSADState`` (train.py: a TorchTrainer over Ray Data,
+then the checkpoint loaded for scoring) and ``train_loop_per_worker`` (train_loop.py).
 """
 
 from __future__ import annotations
 
 from kka_ray._lazy import lazy_exports
 
-_EXPORTS = {
-    "DeepSAD": "model",
-    "deep_sad_loss": "loss",
-    "center_from_sums": "loss",
-    "MLPNet": "torch_model",
-    "CNNNet": "torch_model",
-    "MLPAutoencoder": "torch_model",
-    "CNNAutoencoder": "torch_model",
-    "build_network": "torch_model",
-    "build_autoencoder": "torch_model",
-}
-
-__all__ = sorted(_EXPORTS)
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __all__ = lazy_exports(__name__, {
+    "model": "DeepSAD",
+    "loss": "deep_sad_loss center_from_sums",
+    "torch_model": "MLPNet CNNNet MLPAutoencoder CNNAutoencoder build_network build_autoencoder",
+    "train": "train_deep_sad DeepSADState arrays_to_dataset",
+    "train_loop": "train_loop_per_worker",
+})

@@ -1,7 +1,7 @@
 """Deep SAD as a PyOD/anomalib-like detector (method.md Eq. 5 and the "SAD" detector).
 
 ``DeepSAD(cfg).fit(normal, anomalies)`` trains through Ray Train
-(:func:`kka_ray.training.trainer.train_deep_sad`, the same code as the confusion evaluator):
+(:func:`kka_ray.detectors.deep_sad.train.train_deep_sad`, the same code as the confusion evaluator):
 normals get ``cfg.normal_label`` (0 = unlabeled, the default, or +1 = known normal), known or
 generated anomalies get -1. With ``validation`` (held-out normals + generated anomalies) the
 epoch with the best validation AUROC is kept and the last one stays available
@@ -45,7 +45,7 @@ class DeepSAD(Detector):
     def fit(self, normal: np.ndarray, anomalies: np.ndarray | None = None,
             validation: Validation | None = None, name: str | None = None) -> "DeepSAD":
         """Train on ``normal`` (label ``cfg.normal_label``) and optional ``anomalies`` (label -1)."""
-        from kka_ray.training.trainer import train_deep_sad
+        from kka_ray.detectors.deep_sad.train import train_deep_sad
 
         kind = "features" if self.cfg.input == "features" else "pixels"
         normal = np.asarray(normal, dtype=np.float32)
@@ -104,7 +104,7 @@ class DeepSAD(Detector):
 
     @classmethod
     def _load_state(cls, directory: Path, meta: dict[str, Any], context: DetectorContext | None = None) -> "DeepSAD":
-        from kka_ray.training.trainer import DeepSADState
+        from kka_ray.detectors.deep_sad.train import DeepSADState
 
         state = DeepSADState.load(directory)
         det = cls(state.config, context=context)

@@ -12,18 +12,8 @@ from __future__ import annotations
 
 from kka_ray._lazy import lazy_exports
 
-_EXPORTS = {
-    "SimpleNet": "model",
-    "truncated_l1_loss": "loss",
-    "perturb": "loss",
-    "PatchFeatureExtractor": "torch_model",
-    "LayerProjection": "torch_model",
-    "FeatureAdaptor": "torch_model",
-    "Discriminator": "torch_model",
-    "SimpleNetHead": "torch_model",
-    "build_head": "torch_model",
-    "efficientnet_stage_blocks": "torch_model",
-}
-
-__all__ = sorted(_EXPORTS)
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __all__ = lazy_exports(__name__, {
+    "model": "SimpleNet",
+    "loss": "truncated_l1_loss perturb",
+    "torch_model": "PatchFeatureExtractor LayerProjection FeatureAdaptor Discriminator SimpleNetHead build_head efficientnet_stage_blocks",
+})

@@ -3,7 +3,7 @@
 :func:`train_deep_sad` turns arrays (or takes a ready ``ray.data.Dataset`` with columns
 ``x`` and ``label``, as the engine streams from the anomaly store) into the ``"train"``
 dataset of a ``ray.train.torch.TorchTrainer`` running
-:func:`kka_ray.training.deep_sad_loop.train_loop_per_worker`, and returns a
+:func:`kka_ray.detectors.deep_sad.train_loop.train_loop_per_worker`, and returns a
 :class:`DeepSADState`: phi rebuilt from the checkpoint's ``meta.json`` with weights from
 ``model.safetensors``, the centre, the loss history and the checkpoint path.
 ``DeepSADState.score`` gives ``||phi(x) - c||^2`` in-process (eval mode, CPU).
@@ -70,7 +70,7 @@ class DeepSADState:
 
     def save(self, directory: str | os.PathLike) -> str:
         """Write ``model.safetensors``, ``center.safetensors``, ``meta.json`` into ``directory``."""
-        from kka_ray.training.deep_sad_loop import FORMAT_VERSION, deep_sad_fields, write_checkpoint_files
+        from kka_ray.detectors.deep_sad.train_loop import FORMAT_VERSION, deep_sad_fields, write_checkpoint_files
 
         meta = {**self.meta, "format_version": FORMAT_VERSION, "config": deep_sad_fields(self.config),
                 "in_shape": list(self.in_shape), "history": self.history}
@@ -82,12 +82,12 @@ class DeepSADState:
     def load(cls, directory: str | os.PathLike) -> "DeepSADState":
         """Rebuild phi from ``meta.json`` and load weights and centre from safetensors."""
         from kka_ray.detectors.deep_sad.torch_model import build_network
-        from kka_ray.training.deep_sad_loop import read_checkpoint_files
+        from kka_ray.detectors.deep_sad.train_loop import read_checkpoint_files
 
         state_dict, center, meta = read_checkpoint_files(directory)
         cfg = DeepSADSection.model_validate(meta["config"])
         in_shape = tuple(int(s) for s in meta["in_shape"])
-        from kka_ray.training.deep_sad_loop import LAST_MODEL_FILE
+        from kka_ray.detectors.deep_sad.train_loop import LAST_MODEL_FILE
 
         net = build_network(cfg, in_shape)
         net.load_state_dict(state_dict, strict=True)
@@ -159,9 +159,11 @@ def train_deep_sad(
     """
     import ray.data
 
-    from kka_ray.training.deep_sad_loop import deep_sad_fields, train_loop_per_worker
+    from kka_ray.detectors.deep_sad.train_loop import deep_sad_fields, train_loop_per_worker
 
-    ray_fit.ensure_ray()
+    from kka_ray.cluster import ensure_ray
+
+    ensure_ray()
     if isinstance(x, ray.data.Dataset):
         if semi_labels is not None:
             raise ValueError("pass semi_labels=None with a Ray Dataset: its 'label' column holds them")

@@ -21,7 +21,7 @@ validation AUROC is kept as phi and the last one as ``model_last.safetensors``. 
 epochs are reported through :class:`kka_ray.training.ray_fit.ReportThrottle` (at most every 2 s,
 equally often on every worker); ``meta.json`` keeps every epoch's loss regardless.
 
-The checkpoint file helpers at the bottom are shared with :mod:`kka_ray.training.trainer`.
+The checkpoint file helpers at the bottom are shared with :mod:`kka_ray.detectors.deep_sad.train`.
 """
 
 from __future__ import annotations

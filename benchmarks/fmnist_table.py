@@ -118,8 +118,8 @@ def restore_fits(run: Path, records: list[dict]) -> tuple[int, int]:
     differs from the run's (another run under the same name) is not restored. Returns
     (restored, refused)."""
     from kka_ray.data.store import write_json_atomic
-    from kka_ray.evaluation.inputs import RunInputs
-    from kka_ray.evaluation.runner import result_path
+    from kka_ray.rundir import RunInputs
+    from kka_ray.tables.runner import result_path
 
     mine = [r for r in records if r["run"] == run.name]
     if not mine:
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kka_ray").setLevel(logging.INFO)
 
     from kka_ray.config import load_config
-    from kka_ray.evaluation.runner import evaluate_run
+    from kka_ray.tables.runner import evaluate_run
     from kka_ray.cluster import init_ray
 
     classes, modes = parse_classes(args.classes), [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds_for.update({k: int(v) for k, v in (item.split("=") for item in args.seeds_for)})
     rows: list[dict] = []
     if args.tabulate:
-        from kka_ray.evaluation.runner import cached_rows
+        from kka_ray.tables.runner import cached_rows
 
         for run, mode in runs:
             rows += [r for r in cached_rows(run, detectors, args.detector_set) if mode == modes[0] or r["variant"] != "none"]
@@ -330,7 +330,7 @@ def ablation_markdown(ab: dict) -> str:
 
 def write_results(rows: list[dict], runs: list[tuple[Path, str]], args: argparse.Namespace, classes: list[int],
                   modes: list[str], seeds_for: dict[str, int], root: Path) -> None:
-    from kka_ray.evaluation.tables import MAIN_COLUMNS, main_table, to_csv, to_markdown, write_tables
+    from kka_ray.tables.paper import MAIN_COLUMNS, main_table, to_csv, to_markdown, write_tables
 
     seconds = compute_seconds(runs, rows)
     write_tables(rows, root / "eval_tables")

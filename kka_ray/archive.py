@@ -8,7 +8,7 @@ Ray Train and Ray Data scratch, the LoRA adapters. ``kka pack`` keeps the first 
 second, so a finished run moves off a cluster, into a repository or to a colleague at a few
 hundred KB; ``kka unpack`` restores it, and ``kka eval`` then works on it as on the original:
 the normal features are recomputed from the run's own split with its saved normaliser on first
-use (:meth:`kka_ray.evaluation.inputs.RunInputs.features`), bit for bit with the same backbone
+use (:meth:`kka_ray.rundir.RunInputs.features`), bit for bit with the same backbone
 weights and torch build.
 
 The anomaly store keeps its ``features`` column unless ``--drop-features`` (then a packed
@@ -29,6 +29,7 @@ import tarfile
 from pathlib import Path, PurePosixPath
 
 from kka_ray.data.store import STORE_COLUMNS
+from kka_ray.rundir import RunLayout, RunState, is_run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def _restore_features(run: Path) -> int:
     files = [p for p in sorted((run / "anomalies").glob("*.parquet")) if "features" not in pq.read_schema(p).names]
     if not files:
         return 0
-    cfg = load_config(run / "config.yaml")
+    cfg = load_config(RunLayout(run).config)
     k = cfg.knowledge
     extract = FeatureBatchExtractor(k.backbone, k.image_size, cfg.paths.cache_dir(),
                                     device=resolve_device(cfg.run.device), batch_size=k.batch_size)
@@ -109,10 +110,9 @@ def pack_run(run_dir: str | Path, out: str | Path | None = None, include_eval: b
     The archive is reproducible: entries are sorted and carry no owner or time, so packing the
     same run twice gives the same bytes."""
     run = Path(run_dir)
-    state = run / "state.json"
-    if not (run / "config.yaml").is_file() or not state.is_file():
+    if not is_run_dir(run) or not RunLayout(run).state.is_file():
         raise FileNotFoundError(f"{run} has no config.yaml or state.json: it is not a kka run directory")
-    if not json.loads(state.read_text()).get("finished"):
+    if not RunState.load(run).finished:
         raise ValueError(f"{run} has not finished: pack finished runs only (resume it with "
                          f"`kka run --resume {run}` first); a packed run keeps no adapters or checkpoints to resume from")
     out = Path(out) if out is not None else run.with_name(run.name + ".tar.gz")
@@ -137,7 +137,7 @@ def unpack_run(archive: str | Path, dest: str | Path) -> Path:
     archive, dest = Path(archive), Path(dest)
     if not archive.is_file():
         raise FileNotFoundError(f"no run archive at {archive}")
-    if (dest / "state.json").exists() or (dest / "config.yaml").exists():
+    if RunLayout(dest).state.exists() or is_run_dir(dest):
         raise FileExistsError(f"{dest} already holds a run: unpack into a new directory")
     with tarfile.open(archive, "r:gz") as tar:
         entries = tar.getmembers()

@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_cost_parser(sub)
 
-    from kka_ray.evaluation.cli import add_parser as add_eval_parser
+    from kka_ray.tables.cli import add_parser as add_eval_parser
 
     add_eval_parser(sub)
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return submit_main(argv[1:])
     if argv[:1] == ["eval"]:  # parsed on its own: run directories, options and overrides may be intermixed
-        from kka_ray.evaluation.cli import eval_parser
+        from kka_ray.tables.cli import eval_parser
 
         args = eval_parser().parse_intermixed_args(argv[1:])
         args.command = "eval"
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return cli_command(args)
         elif args.command == "eval":
-            from kka_ray.evaluation.cli import run_eval
+            from kka_ray.tables.cli import run_eval
 
             setup_logging("INFO")
             return run_eval(args)

@@ -14,6 +14,7 @@ import argparse
 import csv
 import io
 import json
+from kka_ray.rundir import RunLayout, is_run_dir, require_run_dir
 from pathlib import Path
 from typing import Any
 
@@ -82,13 +83,12 @@ def run_costs(run_dir: str | Path, prices: Any = None) -> dict[str, Any]:
     from kka_ray.config import load_config
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} has no config.yaml: it is not a kka run directory")
-    cfg = load_config(run_dir / "config.yaml")
+    layout = RunLayout(require_run_dir(run_dir))
+    cfg = load_config(layout.config)
     prices = prices if prices is not None else cfg.cost
     seconds = {p.stem: float(json.loads(p.read_text()).get("wall_seconds") or 0.0)
-               for p in sorted((run_dir / "stages").glob("*.json"))}
-    metrics_path = run_dir / "metrics.jsonl"
+               for p in sorted(layout.stages.glob("*.json"))}
+    metrics_path = layout.metrics
     metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] if metrics_path.is_file() else []
     kept, hard = sum(int(m.get("n_kept") or 0) for m in metrics), sum(int(m.get("n_hard") or 0) for m in metrics)
     stages = stage_costs(cfg, seconds, prices)
@@ -166,8 +166,7 @@ def cost_main(args: argparse.Namespace) -> int:
 
     rows = []
     for run in args.runs:
-        cfg_path = Path(run) / "config.yaml"
-        base = load_config(cfg_path).cost if cfg_path.is_file() else None
+        base = load_config(RunLayout(run).config).cost if is_run_dir(run) else None
         rows.append(run_costs(run, load_prices(args.prices, base) if args.prices else None))
     if args.json:
         print(json.dumps(rows, indent=1))

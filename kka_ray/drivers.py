@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Mapping
 
 from kka_ray.config import USER_ERRORS, ConfigError, KKAConfig, load_config
 from kka_ray.storage import DEFAULT_JOB_STORAGE, RunLocation, filesystem, is_uri, run_target, staging_dir
+from kka_ray.rundir import RunLayout, is_run_dir, require_run_dir
 
 if TYPE_CHECKING:
     from kka_ray.loop import KKARun
@@ -82,9 +83,7 @@ def check_run(resume: str | None, cfg: KKAConfig | None, output: str | None = No
     if resume is not None:
         if is_uri(resume):
             raise ConfigError("--check reads a local run directory; resume the URI itself to check it")
-        if not (Path(resume) / "config.yaml").is_file():
-            raise FileNotFoundError(f"{resume} has no config.yaml: it is not a kka run directory")
-        check_resume(load_config(Path(resume) / "config.yaml"))
+        check_resume(load_config(RunLayout(require_run_dir(resume)).config))
         return f"ok: {resume} can be resumed"
     assert cfg is not None
     where = new_run_location(cfg, output)  # creates nothing; a bad URI fails here
@@ -100,12 +99,12 @@ def resume_run(run_dir: str | os.PathLike) -> tuple["KKARun", RunLocation]:
     if is_uri(run_dir):
         where = RunLocation(staging_dir(str(run_dir)), remote=str(run_dir).rstrip("/"))
         where.pull()
-        if not (where.local / "config.yaml").is_file():
+        if not is_run_dir(where.local):
             raise FileNotFoundError(f"{run_dir} has no config.yaml: it is not a kka run directory")
         run = KKARun.resume(where.local)
     else:
         run, where = KKARun.resume(run_dir), RunLocation(run_dir)
-    if not run.state.data.get("finished"):
+    if not run.state.finished:
         check_resume(run.cfg)
     return run, where
 
@@ -163,7 +162,7 @@ def preference_main(argv: list[str]) -> int:
     p.add_argument("--iteration", type=int, required=True, help="the evaluated iteration K")
     args = p.parse_args(argv)
     run, where = resume_run(args.run_dir)
-    k, done = args.iteration, run.state.data["completed"]
+    k, done = args.iteration, run.state.completed
     problem = None
     if not 1 <= k <= run.cfg.run.iterations:
         problem = f"--iteration {k} is outside this run's iterations 1..{run.cfg.run.iterations}"
@@ -174,7 +173,7 @@ def preference_main(argv: list[str]) -> int:
         where.cleanup()  # a remote run's staging copy: nothing changed
         if problem:
             raise ConfigError(problem)
-        print(f"iteration {k} of {where.uri} already has its DPO update (adapter version {run.state.data['adapter_version']})")
+        print(f"iteration {k} of {where.uri} already has its DPO update (adapter version {run.state.adapter_version})")
         return 0
     setup_logging(run.cfg.run.log_level)
     out = where.execute(run, [f"iter{k}.preference"], cleanup=False)

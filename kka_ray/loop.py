@@ -36,7 +36,7 @@ from kka_ray.config import ConfigError, KKAConfig, load_config
 from kka_ray.data.store import (
     AnomalyStore, Member, kept_mask, save_anomaly_set, update_anomaly_set, write_json_atomic,
 )
-from kka_ray.evaluation.inputs import RunInputs
+from kka_ray.rundir import RunInputs, RunLayout, RunState, require_run_dir
 from kka_ray.metrics import resource_seconds
 
 logger = logging.getLogger(__name__)
@@ -49,25 +49,6 @@ def relative_hardness(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ranked = sorted(rows, key=lambda r: r["distance"])
     third = max(1, len(ranked) // 3)
     return [{**r, "is_hard": True} for r in ranked[:third]] + [{**r, "is_hard": False} for r in ranked[-third:]]
-
-
-class RunState:
-    """Which stages of a run are complete (``state.json``), written atomically."""
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / "state.json"
-        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {
-            "completed": [], "adapter_version": 0, "adapter_path": None, "finished": False,
-        }
-
-    def done(self, stage: str) -> bool:
-        return stage in self.data["completed"]
-
-    def mark(self, stage: str, **fields: Any) -> None:
-        if stage not in self.data["completed"]:
-            self.data["completed"].append(stage)
-        self.data.update(fields)
-        write_json_atomic(self.data, self.path)
 
 
 def new_run_dir(cfg: KKAConfig, output: str | None) -> Path:
@@ -85,8 +66,9 @@ class KKARun:
         self.cfg = cfg
         self.dir = Path(run_dir).resolve()
         self.name = self.dir.name
-        self.state = RunState(self.dir)
-        self.store = AnomalyStore(self.dir / "anomalies")
+        self.layout = RunLayout(self.dir)
+        self.state = RunState.load(self.dir)
+        self.store = AnomalyStore(self.layout.store)
         self.pools = None
         self._inputs: RunInputs | None = None
         self._guard_cache = None
@@ -99,18 +81,16 @@ class KKARun:
     @classmethod
     def create(cls, cfg: KKAConfig, output: str | None = None) -> "KKARun":
         run_dir = new_run_dir(cfg, output)
-        if (run_dir / "state.json").is_file():
+        if RunLayout(run_dir).state.is_file():
             raise FileExistsError(f"{run_dir} already holds a run: use `kka run --resume {run_dir}` or another --output")
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        RunLayout(run_dir).config.write_text(cfg.to_yaml())
         return cls(cfg, run_dir)
 
     @classmethod
     def resume(cls, run_dir: str | os.PathLike) -> "KKARun":
-        run_dir = Path(run_dir)
-        if not (run_dir / "config.yaml").is_file():
-            raise FileNotFoundError(f"{run_dir} has no config.yaml: it is not a kka run directory")
-        return cls(load_config(run_dir / "config.yaml"), run_dir)
+        run_dir = require_run_dir(run_dir)
+        return cls(load_config(RunLayout(run_dir).config), run_dir)
 
     @contextlib.contextmanager
     def _session(self, total: int, done: int = 0):
@@ -158,7 +138,7 @@ class KKARun:
         """Run (or continue) every stage not yet complete; returns the run directory."""
         cfg = self.cfg
         total = 2 + cfg.run.iterations * len(ITERATION_STAGES)
-        done = len([s for s in self.state.data["completed"] if s in ("prep", "baselines") or s.startswith("iter")])
+        done = len([s for s in self.state.completed if s in ("prep", "baselines") or s.startswith("iter")])
         with self._session(total, done) as bar:
             self._stage("prep", self.prep, bar)
             self._stage("baselines", self.baselines, bar)
@@ -201,7 +181,7 @@ class KKARun:
         start = time.perf_counter()
         result = fn() or {}
         result["wall_seconds"] = round(time.perf_counter() - start, 3)
-        write_json_atomic(result, self.dir / "stages" / f"{name}.json")
+        write_json_atomic(result, self.layout.stage_record(name))
         self.state.mark(name)
         if self.on_stage_done is not None:
             self.on_stage_done(name)
@@ -209,7 +189,7 @@ class KKARun:
         logger.info("stage %s done in %.1f s", name, result["wall_seconds"])
 
     def stage_result(self, name: str) -> dict[str, Any]:
-        path = self.dir / "stages" / f"{name}.json"
+        path = self.layout.stage_record(name)
         return json.loads(path.read_text()) if path.is_file() else {}
 
     # ------------------------------------------------------------------ shared data
@@ -237,8 +217,8 @@ class KKARun:
             images = self.split.train.images
             mode = "L" if images.ndim == 3 else "RGB"
             self.pools = ResidentPools.start(self.cfg, target_size=int(images.shape[1]), target_mode=mode)
-            if self.state.data.get("adapter_path"):
-                self.pools.load_adapter(self.state.data["adapter_path"], int(self.state.data["adapter_version"]))
+            if self.state.adapter_path:
+                self.pools.load_adapter(self.state.adapter_path, self.state.adapter_version)
         return self.pools
 
     # ------------------------------------------------------------------ stages
@@ -261,37 +241,37 @@ class KKARun:
         reps = select_representatives(scores, scorer.labels_, split.train.captions, cfg.knowledge.n_representatives)
         prompts = build_prompts(resolve_template(cfg.describer).text, split.domain, reps, cfg.describer.num_prompts,
                                 cfg.run.seed, normal=normal_concept(split.normal_class_names))
-        out = self.dir / "prep"
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: np.ascontiguousarray(v) for k, v in feats.items()}, str(out / "features.safetensors"))
-        save_file({k: np.ascontiguousarray(v) for k, v in normalizer.state_dict().items()}, str(out / "normalizer.safetensors"))
-        write_json_atomic([r.__dict__ for r in reps], out / "representatives.json")
-        write_json_atomic(prompts, out / "prompts.json")
+        out = self.layout
+        out.prep.mkdir(parents=True, exist_ok=True)
+        save_file({k: np.ascontiguousarray(v) for k, v in feats.items()}, str(out.features))
+        save_file({k: np.ascontiguousarray(v) for k, v in normalizer.state_dict().items()}, str(out.normalizer))
+        write_json_atomic([r.__dict__ for r in reps], out.representatives)
+        write_json_atomic(prompts, out.prompts)
         self.inputs().remember_prep(feats, normalizer)
         return {"split": split.name, "n_train": len(split.train), "n_holdout": len(split.holdout),
                 "n_test": len(split.test), "n_prompts": len(prompts), "feature_dim": int(feats["train"].shape[1])}
 
     def baselines(self) -> dict[str, Any]:
         """Each ``detector.baselines`` detector without generated anomalies, once."""
-        from kka_ray.evaluation.runner import fit_and_score
+        from kka_ray.detectors.runner import fit_and_score
 
         out: dict[str, Any] = {}
         for name in self.cfg.detector.baselines:
-            result = fit_and_score(self.inputs(), name, 0, self.cfg.run.seed, save_dir=self.dir / "detector" / f"baseline_{name}",
-                                   storage=self.dir / "ray_train")
+            result = fit_and_score(self.inputs(), name, 0, self.cfg.run.seed, save_dir=self.layout.detector(f"baseline_{name}"),
+                                   storage=self.layout.ray_train)
             out[name] = {k: result[k] for k in ("auroc", "aupr", "fpr95", "auroc_last", "seconds")}
-        write_json_atomic(out, self.dir / "baselines.json")
+        write_json_atomic(out, self.layout.baselines)
         return out
 
     def _prompts(self) -> list[dict[str, Any]]:
-        return json.loads((self.dir / "prep" / "prompts.json").read_text())
+        return json.loads(self.layout.prompts.read_text())
 
     def generate(self, k: int) -> dict[str, Any]:
         from kka_ray.generation.pipeline import run_generation
 
         pools = self.ensure_pools()
-        result = run_generation(self.cfg, pools, self._prompts(), k, self.name, self.dir / "generated" / f"iter_{k}")
-        return {**result, "adapter_version": int(self.state.data.get("adapter_version", 0))}
+        result = run_generation(self.cfg, pools, self._prompts(), k, self.name, self.layout.generated(k))
+        return {**result, "adapter_version": self.state.adapter_version}
 
     def _anomaly_features(self, table) -> tuple[np.ndarray, np.ndarray]:
         """Backbone features of PNG images in ``table`` through a Ray Data actor pool, and which
@@ -356,7 +336,7 @@ class KKARun:
         """Features of the new images; the normal-likeness guard's verdict on every new item."""
         from kka_ray.generation.pipeline import read_generated
 
-        new = read_generated(self.dir / "generated" / f"iter_{k}")
+        new = read_generated(self.layout.generated(k))
         if new is None or new.num_rows == 0:
             return {"n_in": 0, "n_kept": 0, "drops": {}, "enabled": self.cfg.guard.enabled}
         table, summary = self._screen(new)
@@ -369,7 +349,7 @@ class KKARun:
         split of the new anomalies the guard kept, which the evaluator has not been trained on."""
         import pyarrow as pa
 
-        from kka_ray.evaluation.inputs import split_members
+        from kka_ray.rundir import split_members
         from kka_ray.evaluator import ConfusionEvaluator, hard_fraction, split_hard_easy
 
         cfg, f = self.cfg, self.features()
@@ -386,9 +366,9 @@ class KKARun:
         inputs = self.inputs()
         evaluator = ConfusionEvaluator(cfg.evaluator, seed=self.cfg.run.seed).fit(
             f["train"], inputs.anomalies(prev_train, "features"), f["holdout"],
-            val_anomalies=inputs.anomalies(prev_val, "features"), storage_path=self.dir / "ray_train",
+            val_anomalies=inputs.anomalies(prev_val, "features"), storage_path=self.layout.ray_train,
             name=f"evaluator_iter_{k}")
-        evaluator.save(self.dir / "evaluator" / f"iter_{k}")
+        evaluator.save(self.layout.evaluator(k))
         z_prev = inputs.anomalies(prev, "features")
         d_prev, d_new = evaluator.score(z_prev), evaluator.score(z_new)
         is_hard, is_easy = evaluator.split(d_new)
@@ -405,13 +385,13 @@ class KKARun:
             easy_ids = [i for i, e in zip(kept_ids, is_easy) if e]
         rescored = [Member(m.id, float(d), bool(h)) for m, d, h in zip(prev, d_prev, prev_hard)]
         write_json_atomic({"easy_ids": easy_ids, "previous": [m.__dict__ for m in rescored]},
-                          self.dir / "evaluator" / f"iter_{k}" / "split.json")
+                          self.layout.split(k))
         history = evaluator.state_.history
         # the same anomalies against the fixed reference of iteration 1's (one-class) evaluator: what the
         # describer's shift alone did, apart from this evaluator having learned the earlier anomalies
         ref_hard = hard_fraction(is_hard)
-        if k > 1 and n_new and (self.dir / "evaluator" / "iter_1" / ConfusionEvaluator.SPLIT_FILE).is_file():
-            ref = ConfusionEvaluator.load(self.dir / "evaluator" / "iter_1", cfg.evaluator)
+        if k > 1 and n_new and (self.layout.evaluator(1) / ConfusionEvaluator.SPLIT_FILE).is_file():
+            ref = ConfusionEvaluator.load(self.layout.evaluator(1), cfg.evaluator)
             ref_hard = hard_fraction(ref.split(ref.score(z_new))[0])
         return {"tau": float(evaluator.tau_), "threshold": cfg.evaluator.threshold, "n_new": n_new,
                 "hard_fraction_ref": ref_hard,
@@ -429,30 +409,30 @@ class KKARun:
         if not self.cfg.audit.enabled:
             return {"enabled": False}
         result = audit_iteration(self.cfg, self.split, self.store, k)
-        write_json_atomic(result, self.dir / "audit" / f"iter_{k}.json")
+        write_json_atomic(result, self.layout.audit(k))
         return {"enabled": True, **{key: v for key, v in result.items() if key != "items"}}
 
     def update(self, k: int) -> dict[str, Any]:
-        split = json.loads((self.dir / "evaluator" / f"iter_{k}" / "split.json").read_text())
+        split = json.loads((self.layout.split(k)).read_text())
         previous = [Member(**m) for m in split["previous"]]
         new_table = self.store.read_kept([k], columns=["id", "distance", "is_hard"]) if self.store.path(k).is_file() else None
         new = [] if new_table is None else [
             Member(i, float(d), bool(h)) for i, d, h in zip(*(new_table.column(c).to_pylist() for c in ("id", "distance", "is_hard")))
         ]
-        target = self.state.data.get("rep_size")
+        target = self.state.rep_size
         members = update_anomaly_set(previous, new, self.cfg.run.mode, target_size=target)
         if self.cfg.run.mode == "rep" and target is None and members:
-            self.state.data["rep_size"] = len(members)
-        save_anomaly_set(members, self.dir / "sets" / f"iter_{k}.json")
+            self.state.rep_size = len(members)
+        save_anomaly_set(members, self.layout.anomaly_set(k))
         return {"n_anomalies": len(members), "n_hard_in_set": int(sum(m.is_hard for m in members))}
 
     def detect(self, k: int) -> dict[str, Any]:
         """The configured detector on normals + the anomaly set after iteration k; test metrics."""
-        from kka_ray.evaluation.runner import fit_and_score
+        from kka_ray.detectors.runner import fit_and_score
 
         name = self.cfg.detector.name
-        result = fit_and_score(self.inputs(), name, k, self.cfg.run.seed, save_dir=self.dir / "detector" / f"iter_{k}",
-                               storage=self.dir / "ray_train")
+        result = fit_and_score(self.inputs(), name, k, self.cfg.run.seed, save_dir=self.layout.detector(f"iter_{k}"),
+                               storage=self.layout.ray_train)
         return {"detector": name, **{key: v for key, v in result.items() if key != "fit_info"},
                 "selected_epoch": result["fit_info"].get("selected_epoch")}
 
@@ -460,7 +440,7 @@ class KKARun:
         """Eq. 6 -> Eq. 7 inputs: hard kept rows (chosen side), easy kept rows and, with
         ``preference.reject_normal_like``, the rows the guard dropped as normal-like (rejected side,
         ranked before every easy one); and the kept rows for the relative fallback."""
-        easy = set(json.loads((self.dir / "evaluator" / f"iter_{k}" / "split.json").read_text())["easy_ids"])
+        easy = set(json.loads((self.layout.split(k)).read_text())["easy_ids"])
         if not self.store.path(k).is_file():
             return [], None
         cols = ["id", "prompt_id", "prompt", "text", "distance", "is_hard", "guard_reason"]
@@ -503,9 +483,9 @@ class KKARun:
             logger.warning("iteration %d: %d DPO pairs, fewer than preference.min_pairs=%d: DPO skipped, the adapter stays",
                            k, len(pairs), cfg.preference.min_pairs)
             return {"n_pairs": len(pairs), "skipped": True, "reason": "fewer pairs than preference.min_pairs"}
-        prev_path, prev_version = self.state.data.get("adapter_path"), int(self.state.data.get("adapter_version", 0))
+        prev_path, prev_version = self.state.adapter_path, self.state.adapter_version
         shift_before = self._shift_set(prev_version) if cfg.preference.shift_prompts else None
-        out = self.dir / "adapters" / f"iter_{k}"
+        out = self.layout.adapter(k)
         base = resolve_model_path(cfg.describer.model, str(cfg.paths.cache_dir()))
         job = dict(  # the device is resolved where the job runs, not on the driver
             prev_adapter=prev_path, answer_prefix=cfg.describer.answer_prefix,
@@ -513,14 +493,14 @@ class KKARun:
             trust_remote_code=cfg.describer.trust_remote_code,
         )
         if cfg.preference.num_workers > 1:
-            metrics = run_dpo_ray_train(base, pairs, str(out), cfg.preference, storage_path=str(self.dir / "ray_train"),
+            metrics = run_dpo_ray_train(base, pairs, str(out), cfg.preference, storage_path=str(self.layout.ray_train),
                                         name=f"dpo_iter_{k}", **job)
         else:
             task = one_shot_task(dpo_remote_entry, cfg.preference.resources)
             metrics = ray.get(task.remote(base_model=base, pairs=pairs, out_dir=str(out), cfg=cfg.preference, **job))
         if self.pools is not None:  # else the next ensure_pools() loads it from the state
             self.pools.load_adapter(str(out), k)
-        self.state.data.update(adapter_path=str(out), adapter_version=k)
+        self.state.adapter_path, self.state.adapter_version = str(out), k
         result = {"n_pairs": len(pairs), "relative_pairs": relative,
                   "n_same_prompt": int(sum(p.same_prompt for p in pairs)),
                   "n_rejected_normal_like": int(sum(p.rejected_distance == float("inf") for p in pairs)), **metrics}
@@ -532,7 +512,7 @@ class KKARun:
                                "rolled back to adapter v%d", k, 100 * after, 100 * before, prev_version)
                 if self.pools is not None:
                     self.pools.load_adapter(prev_path, prev_version)
-                self.state.data.update(adapter_path=prev_path, adapter_version=prev_version)
+                self.state.adapter_path, self.state.adapter_version = prev_path, prev_version
                 result["rolled_back"] = True
         return result
 
@@ -545,13 +525,13 @@ class KKARun:
         from kka_ray.generation.pipeline import read_generated, run_generation
         from kka_ray.preference.shift import shift_prompts
 
-        path = self.dir / "shift" / f"v{version}.parquet"
+        path = self.layout.shift(version)
         if path.is_file():
             return pq.read_table(path)
         pools = self.ensure_pools()
         if pools.adapter_version() != version:
             raise RuntimeError(f"the describer holds adapter v{pools.adapter_version()}, not v{version}")
-        gen_dir = self.dir / "shift" / f"v{version}_generated"
+        gen_dir = self.layout.shift_generated(version)
         run_generation(self.cfg, pools, shift_prompts(self.cfg, self.split), 0, f"{self.name}-shift", gen_dir)
         new = read_generated(gen_dir)
         if new is None:
@@ -566,7 +546,7 @@ class KKARun:
     def _describer_shift(self, k: int, before, after) -> dict[str, Any]:
         """``describer_shift`` of update k: both sides scored by iteration k's evaluator and the judge."""
         from kka_ray.data.store import kept_mask
-        from kka_ray.evaluation.inputs import decode_like
+        from kka_ray.rundir import decode_like
         from kka_ray.evaluator import ConfusionEvaluator
         from kka_ray.guard import NormalTermMatcher, normal_terms
         from kka_ray.data.protocols import dataset_key
@@ -574,7 +554,7 @@ class KKARun:
 
         cfg = self.cfg
         n_samples = cfg.preference.shift_prompts * cfg.describer.samples_per_prompt
-        evaluator = ConfusionEvaluator.load(self.dir / "evaluator" / f"iter_{k}", cfg.evaluator)
+        evaluator = ConfusionEvaluator.load(self.layout.evaluator(k), cfg.evaluator)
         judge = None
         if cfg.audit.enabled:
             from kka_ray.audit.stage import _judge
@@ -646,7 +626,7 @@ class KKARun:
         """Rebuild metrics.jsonl from the completed iterations' stage records (idempotent)."""
         rows = [self.metrics_row(k) for k in range(1, self.cfg.run.iterations + 1)
                 if self.state.done(f"iter{k}.preference")]
-        path = self.dir / "metrics.jsonl"
+        path = self.layout.metrics
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         os.replace(tmp, path)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kka_ray.config import ConfigError
+from kka_ray.rundir import RunLayout
 
 if TYPE_CHECKING:
     from kka_ray.config import KKAConfig
@@ -62,7 +63,7 @@ def _nearest_existing(path: Path) -> Path:
 
 def check_output(run_dir: Path) -> None:
     """A new run's directory: not already a run, and creatable or writable."""
-    if (run_dir / "state.json").is_file():
+    if RunLayout(run_dir).state.is_file():
         raise ConfigError(f"{run_dir} already holds a run: continue it with `kka run --resume {run_dir}` "
                           "or pick another --output")
     if run_dir.exists() and not run_dir.is_dir():

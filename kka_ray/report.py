@@ -14,6 +14,7 @@ import html
 import io
 import json
 import math
+from kka_ray.rundir import RunLayout, require_run_dir
 from pathlib import Path
 from typing import Any
 
@@ -145,18 +146,19 @@ def write_report(run_dir: str | Path) -> Path:
     from kka_ray.config import load_config
 
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    metrics_path = run_dir / "metrics.jsonl"
+    layout = RunLayout(require_run_dir(run_dir))
+    cfg = load_config(layout.config)
+    metrics_path = layout.metrics
     metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
         if metrics_path.is_file() else []
-    baselines = json.loads((run_dir / "baselines.json").read_text()) if (run_dir / "baselines.json").is_file() else {}
-    store = AnomalyStore(run_dir / "anomalies")
+    baselines = json.loads(layout.baselines.read_text()) if layout.baselines.is_file() else {}
+    store = AnomalyStore(layout.store)
     n = cfg.report.grid_size
     sections = []
     normal: list[str] = []
     for k in store.iterations():
         table = store.read([k], columns=["id", "text", "image", "distance", "is_hard", "adapter_version", "guard_reason"])
-        audit_path = run_dir / "audit" / f"iter_{k}.json"
+        audit_path = layout.audit(k)
         audit = json.loads(audit_path.read_text()) if audit_path.is_file() else {}
         judged, normal = audit.get("items", {}), audit.get("normal_classes", [])
         all_rows = table.to_pylist()
@@ -194,6 +196,6 @@ drawer {html.escape(cfg.drawer.model)}; detector {cfg.detector.name}.</p>
 <h2>Detector AUROC per iteration</h2>{auroc_chart(metrics, baselines)}<ul>{base_html}</ul>{table_html}
 <h2>Generated anomalies</h2>{''.join(sections) or '<p>None yet.</p>'}
 </body></html>"""
-    out = run_dir / "report.html"
+    out = layout.report
     out.write_text(page)
     return out

@@ -414,7 +414,7 @@ def test_runtime_envs_are_valid_and_gpu_env_installs_the_project_deps():
 
 
 def test_every_trained_detector_gets_a_gpu_in_gpu_yaml(gpu_cfg):
-    from kka_ray.evaluation.runner import trained_sections
+    from kka_ray.tables.runner import trained_sections
 
     sections = trained_sections()
     assert {"", "simplenet.", "recontrast."} <= set(sections)

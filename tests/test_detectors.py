@@ -13,7 +13,7 @@ from kka_ray.config import CMDASection, DeepSADSection, DetectorSection, SSDSect
 from kka_ray.data.store import Member
 from kka_ray.detectors.base import Validation
 from kka_ray.detectors.registry import build_detector, input_kind
-from kka_ray.evaluation.inputs import split_members
+from kka_ray.rundir import split_members
 
 
 # ------------------------------------------------------------------ SSD
@@ -234,7 +234,7 @@ def _rows():
 
 
 def test_main_table_means_stds_and_class_average():
-    from kka_ray.evaluation.tables import main_table
+    from kka_ray.tables.paper import main_table
 
     table = {(r["split"], r["variant"]): r for r in main_table(_rows())}
     r = table[("fashion_mnist/0", "kka_add")]  # final iteration only: 0.84 +- 0.01
@@ -247,7 +247,7 @@ def test_main_table_means_stds_and_class_average():
 
 
 def test_ablation_and_written_files(tmp_path):
-    from kka_ray.evaluation.tables import ablation_table, write_tables
+    from kka_ray.tables.paper import ablation_table, write_tables
 
     abl = [r for r in ablation_table(_rows()) if r["split"] == "mean"]
     assert [(r["iteration"], round(r["auroc_mean"], 6)) for r in abl] == [(0, 85.0), (1, 87.0), (2, 89.0)]
@@ -286,7 +286,7 @@ def test_cmda_fits_on_interpolated_text_features(ray_local, tmp_path):
 
 def test_settings_hash_names_settings_not_placement():
     from kka_ray.config import DetectorSection
-    from kka_ray.evaluation.runner import settings_hash
+    from kka_ray.tables.runner import settings_hash
 
     base = DetectorSection()
     for name in ("sad", "simplenet", "recontrast", "cmda"):
@@ -304,7 +304,7 @@ def test_settings_hash_names_settings_not_placement():
 
 def test_evaluation_overrides_change_detectors_and_placement_only(tmp_path):
     from kka_ray.config import ConfigError, KKAConfig
-    from kka_ray.evaluation.runner import device_overrides, run_config, settings_hash
+    from kka_ray.tables.runner import device_overrides, run_config, settings_hash
 
     (tmp_path / "config.yaml").write_text(KKAConfig().to_yaml())
     cfg = run_config(tmp_path, [*device_overrides("cuda"), "ray.address=auto", "detector.epochs=3"])

@@ -162,8 +162,8 @@ def test_a_packed_run_unpacks_elsewhere_and_evaluates_as_the_original(finished_r
 
     from kka_ray.archive import pack_run, unpack_run
     from kka_ray.cli import main
-    from kka_ray.evaluation.inputs import RunInputs
-    from kka_ray.evaluation.runner import evaluate_run
+    from kka_ray.rundir import RunInputs
+    from kka_ray.tables.runner import evaluate_run
 
     packed = pack_run(finished_run, tmp_path / "run.tar.gz", include_eval=False)
     assert pack_run(finished_run, tmp_path / "again.tar.gz", include_eval=False).read_bytes() == packed.read_bytes()

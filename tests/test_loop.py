@@ -48,7 +48,7 @@ def test_too_few_pairs_skip_dpo_and_an_update_that_collapses_the_describer_is_ro
         "before": {"kept_share": kept_share[before]}, "after": {"kept_share": kept_share[after]}})
     collapsed = run.preference(1)
     assert collapsed["n_pairs"] == 6 and collapsed["rolled_back"] is True
-    assert (run.state.data["adapter_version"], run.state.data["adapter_path"]) == (0, None)
+    assert (run.state.adapter_version, run.state.adapter_path) == (0, None)
     healthy = run.preference(2)  # trains on from the adapter still served (none), measured against v0
     assert calls == [None, None] and "rolled_back" not in healthy
-    assert run.state.data["adapter_version"] == 2 and run.state.data["adapter_path"].endswith("iter_2")
+    assert run.state.adapter_version == 2 and run.state.adapter_path.endswith("iter_2")

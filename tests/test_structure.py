@@ -117,3 +117,20 @@ def test_only_the_cluster_module_starts_ray():
             if isinstance(node, ast.Call) and ast.unparse(node.func) in ("ray.init", "init"):
                 callers.add(name)
     assert callers == {"kka_ray.cluster"}
+
+
+def test_the_detector_registry_is_the_one_name_table():
+    """The config's detector names are the registry's, and each name builds its own class from
+    its own section."""
+    from typing import get_args
+
+    from kka_ray.config import BaselineName, DetectorName, load_config
+    from kka_ray.detectors.base import DetectorContext
+    from kka_ray.detectors.registry import DETECTORS, TAKES_ANOMALIES, build_detector, own_section
+
+    assert set(get_args(BaselineName)) == set(DETECTORS)
+    assert set(get_args(DetectorName)) == set(TAKES_ANOMALIES)
+    section = load_config(None, []).detector
+    for name in DETECTORS:
+        det = build_detector(name, section, DetectorContext())
+        assert det.name == name and det.cfg is own_section(name, section)

@@ -303,9 +303,8 @@ def test_evaluate_job_forwards_to_kka_eval(tmp_path):
 
 
 def test_preference_job_on_a_storage_uri_downloads_and_checks_the_state(tmp_path, capsys):
-    from kka_ray.loop import RunState
-    from kka_ray.drivers import create_run, resume_run
-    from kka_ray.drivers import preference_main
+    from kka_ray.drivers import create_run, preference_main, resume_run
+    from kka_ray.rundir import RunState
 
     cfg = load_config(None, ["run.iterations=1", f"run.storage_path=file://{tmp_path}/store"])
     run, where = create_run(cfg, "r1")  # staged locally, config.yaml uploaded at once
@@ -314,7 +313,7 @@ def test_preference_job_on_a_storage_uri_downloads_and_checks_the_state(tmp_path
     assert preference_main(["--run-dir", uri, "--iteration", "1"]) == 2
     assert "not evaluated yet (completed stages: none)" in capsys.readouterr().err
     run, where = resume_run(uri)  # that job removed the shared staging copy: download again
-    state = RunState(run.dir)
+    state = RunState.load(run.dir)
     for stage in ("prep", "baselines", "iter1.generate", "iter1.evaluate", "iter1.update", "iter1.detect",
                   "iter1.preference"):
         state.mark(stage)

@@ -31,7 +31,7 @@ def audit_iteration(cfg: Any, split: Any, store: Any, k: int) -> dict[str, Any]:
     """The audit of iteration ``k``'s store file (every drawn item, kept or dropped)."""
     from kka_ray.audit.figures import judged_figures, text_figures
     from kka_ray.data.store import kept_mask
-    from kka_ray.evaluation.inputs import decode_like
+    from kka_ray.rundir import decode_like
     from kka_ray.guard import NormalTermMatcher, normal_terms
     from kka_ray.data.protocols import dataset_key
 

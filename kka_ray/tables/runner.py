@@ -19,70 +19,18 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 from kka_ray.config import ConfigError
 from kka_ray.data.store import write_json_atomic
-from kka_ray.detectors.base import DetectorContext, Validation
-from kka_ray.detectors.registry import TAKES_ANOMALIES, build_detector, input_kind
-from kka_ray.evaluation.inputs import RunInputs, split_members
-from kka_ray.metrics import detection_metrics
+from kka_ray.detectors.registry import DETECTORS, TAKES_ANOMALIES, input_kind, placement_section, settings_of
+from kka_ray.detectors.runner import fit_and_score
+from kka_ray.rundir import RunInputs, RunLayout, require_run_dir
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SEEDS = 3
-
-
-def detector_context(inputs: RunInputs, storage: Path, seed: int) -> DetectorContext:
-    from kka_ray.devices import resolve_device
-
-    cfg = inputs.cfg
-    return DetectorContext(storage_path=str(storage), cache_dir=str(cfg.paths.cache_dir()),
-                           backbone=cfg.knowledge.backbone, image_size=cfg.knowledge.image_size,
-                           device=resolve_device(cfg.run.device), seed=seed)
-
-
-def fit_and_score(inputs: RunInputs, name: str, iteration: int, seed: int, save_dir: Path | None = None,
-                  storage: Path | None = None) -> dict[str, Any]:
-    """Fit detector ``name`` on normals + the anomaly set after ``iteration`` (0: none) and score test."""
-    section = inputs.cfg.detector
-    kind = input_kind(name)
-    start, decode_errors = time.perf_counter(), inputs.decode_errors
-    members = inputs.members(iteration) if iteration > 0 else []
-    train_m, val_m = split_members(members, section.validation_fraction)
-    anomalies = inputs.anomalies(train_m, kind) if train_m else None
-    val_anomalies = inputs.anomalies(val_m, kind) if val_m else None
-    holdout = inputs.normal(kind, "holdout")
-    run_name = f"{name}_it{iteration}_s{seed}"
-    storage = storage if storage is not None else inputs.dir / "eval" / "ray_train"
-    shutil.rmtree(storage / run_name, ignore_errors=True)  # an interrupted fit restarts clean
-    split = inputs.split
-    det = build_detector(name, section, detector_context(inputs, storage, seed),
-                         normal_texts=[caps[0] if caps else "" for caps in split.train.captions],
-                         class_names=list(split.normal_class_names))
-    det.fit(inputs.normal(kind, "train"), anomalies, Validation(holdout, val_anomalies), name=run_name)
-    threshold = det.set_threshold(holdout, section.threshold, section.quantile)
-    test = inputs.normal(kind, "test")
-    targets = inputs.test_targets
-    scores = det.decision_function(test)
-    metrics = detection_metrics(targets, scores)
-    last = detection_metrics(targets, det.decision_function(test, which="last") if det.has_distinct_last else scores)
-    pred = scores > threshold
-    if save_dir is not None:
-        det.save(save_dir)
-    return {
-        **metrics,
-        "auroc_last": last["auroc"], "aupr_last": last["aupr"], "fpr95_last": last["fpr95"],
-        "threshold": threshold,
-        "tpr_at_threshold": float(pred[targets == 1].mean()), "fpr_at_threshold": float(pred[targets == 0].mean()),
-        "n_anomalies_train": 0 if anomalies is None else int(len(anomalies)),
-        "n_anomalies_val": 0 if val_anomalies is None else int(len(val_anomalies)),
-        "n_anomaly_set": len(members), "decode_errors": inputs.decode_errors - decode_errors,
-        "fit_info": det.fit_info_, "seconds": round(time.perf_counter() - start, 3),
-    }
 
 
 EVAL_OVERRIDABLE = ("detector.", "run.device=", "ray.")
@@ -98,8 +46,7 @@ def settings_hash(section, name: str) -> str:
 
     dump = section.model_dump(mode="json")
     common = {k: dump[k] for k in ("validation_fraction", "threshold", "quantile")}
-    sad = {k: dump[k] for k in DeepSADSection.model_fields}
-    own = {"sad": sad, "cmda": {**sad, "cmda": dump["cmda"]}}.get(name, dump.get(name, {}))
+    own = settings_of(name, section)
     # Where the fit runs is not a setting: a result computed on a GPU answers for the same
     # settings on CPU. These fields are hashed as their defaults so both share one cache key.
     defaults = DeepSADSection().model_dump(mode="json")  # every trained section has the same defaults
@@ -167,17 +114,18 @@ def run_config(run_dir: str | Path, overrides: list[str] | None = None):
     if bad:
         raise ConfigError(f"evaluation overrides may only change detector.*, run.device or ray.* "
                           f"(the rest of a run is fixed), got {bad}")
-    return load_config(Path(run_dir) / "config.yaml", overrides or [])
+    return load_config(RunLayout(require_run_dir(run_dir)).config, overrides or [])
 
 
 def device_label(cfg, name: str) -> str:
     """Where detector ``name``'s fit ran: ``cpu``, or the GPU's name for Ray Train workers with one."""
     from kka_ray.devices import resolve_device
 
-    if name == "ssd":  # fitted by the driver itself
+    placed = placement_section(name, cfg.detector)
+    if placed is None:  # fitted by the driver itself
         gpu = resolve_device(cfg.run.device).startswith("cuda")
     else:
-        gpu = (cfg.detector if name in ("sad", "cmda") else getattr(cfg.detector, name)).use_gpu
+        gpu = placed.use_gpu
     if not gpu:
         return "cpu"
     import torch
@@ -188,14 +136,15 @@ def device_label(cfg, name: str) -> str:
 def trained_sections() -> list[str]:
     """Override prefixes (under ``detector.``) of the sections that train on Ray Train, i.e. have
     ``use_gpu``: the detector section itself (Deep SAD, CMDA) and its sub-sections."""
-    from pydantic import BaseModel
-
     from kka_ray.config import DetectorSection
 
-    fields = DetectorSection.model_fields
-    subs = [name for name, f in fields.items()
-            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel) and "use_gpu" in f.annotation.model_fields]
-    return ([""] if "use_gpu" in fields else []) + [f"{name}." for name in subs]
+    section, prefixes = DetectorSection(), []
+    for name, spec in DETECTORS.items():
+        placed = placement_section(name, section)
+        if placed is not None:
+            prefix = "" if placed is section else f"{spec.section}."
+            prefixes += [] if prefix in prefixes else [prefix]
+    return prefixes
 
 
 def device_overrides(device: str) -> list[str]:

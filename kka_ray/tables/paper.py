@@ -20,10 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from kka_ray.detectors.registry import DETECTORS
+
 MAIN_COLUMNS = ["split", "detector", "variant", "auroc_mean", "auroc_std", "aupr_mean", "fpr95_mean",
                 "auroc_last_mean", "n_generated", "seeds"]
 ABLATION_COLUMNS = ["split", "detector", "mode", "iteration", "auroc_mean", "auroc_std", "n_generated", "seeds"]
-DETECTOR_ORDER = ["ssd", "sad", "simplenet", "recontrast", "cmda"]
+DETECTOR_ORDER = list(DETECTORS)
 VARIANT_ORDER = ["none", "kka_add", "kka_rep"]
 
 

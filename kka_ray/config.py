@@ -627,8 +627,36 @@ def from_dict(tree: dict[str, Any]) -> KKAConfig:
         raise ConfigError(_format_error(err)) from None
 
 
+DEFAULT_CONFIG_HEADER = """\
+# The embedded default config (`kka run` with no --config): every field at its default in
+# kka_ray/config.py, the one place defaults are stated. Generated, not edited:
+#   python -m kka_ray.config > kka_ray/configs/default.yaml
+# tests/test_config.py checks that this file and the code agree.
+"""
+
+
+def load_yaml_mapping(path: str | os.PathLike, what: str, expected: str) -> dict[str, Any]:
+    """The mapping in the YAML file ``path``; ``what`` names it in errors (``--prices FILE``) and
+    ``expected`` says what it should hold."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} {p}: no such file ({expected})")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {p}: not valid YAML ({err.__class__.__name__}: {err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {p}: expected {expected}, got {type(data).__name__}")
+    return data
+
+
 def default_config_text() -> str:
     return resources.files("kka_ray.configs").joinpath(DEFAULT_CONFIG_NAME).read_text()
+
+
+def generated_default_text() -> str:
+    """What ``configs/default.yaml`` must hold: the header and every default, as YAML."""
+    return DEFAULT_CONFIG_HEADER + KKAConfig().to_yaml()
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> KKAConfig:
@@ -647,3 +675,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     if not isinstance(tree, dict):
         raise ConfigError(f"config {origin} must be a mapping of sections, got {type(tree).__name__}")
     return from_dict(apply_overrides(tree, overrides or []))
+
+
+if __name__ == "__main__":
+    print(generated_default_text(), end="")

@@ -23,21 +23,12 @@ STAGE_ORDER = ("prep", "baselines", "generate", "guard", "evaluate", "audit", "u
 
 def load_prices(path: str | Path | None, base: Any = None) -> Any:
     """The ``cost`` section from ``path`` (over ``base``, a CostSection, or the defaults)."""
-    import yaml
 
-    from kka_ray.config import ConfigError, CostSection
+    from kka_ray.config import ConfigError, CostSection, load_yaml_mapping
 
     if path is None:
         return base if base is not None else CostSection()
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--prices {path}: no such file (a YAML mapping of cpu_per_hour, gpu_per_hour, accelerators, currency)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--prices {path}: not valid YAML ({err.__class__.__name__})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--prices {path}: expected a mapping of cost fields, got {type(data).__name__}")
+    data = load_yaml_mapping(path, "--prices", "a YAML mapping of cpu_per_hour, gpu_per_hour, accelerators, currency")
     data = data.get("cost", data)
     merged = {**(base.model_dump() if base is not None else {}), **data}
     try:

@@ -456,48 +456,16 @@ class KKARun:
     def preference(self, k: int) -> dict[str, Any]:
         """Eq. 7: DPO pairs from this iteration's hard/easy split -> LoRA adapter k; the describer
         shift it caused, measured on fixed held-out prompts and seeds."""
-        import ray
-
-        from kka_ray.cluster import one_shot_task
-        from kka_ray.generation.text import resolve_model_path
-        from kka_ray.knowledge.prompts import resolve_template
-        from kka_ray.preference.dpo import dpo_remote_entry, run_dpo_ray_train
-        from kka_ray.preference.pairs import build_pairs
-
         cfg = self.cfg
         if k == cfg.run.iterations and not cfg.preference.final_iteration:
             return {"n_pairs": 0, "skipped": True, "reason": "preference.final_iteration is false"}
-        records, kept = self._preference_records(k)
-        pairs = build_pairs(records, cfg.preference.max_pairs, cfg.run.seed + k, answer_prefix=cfg.describer.answer_prefix)
-        relative = False
-        if not pairs and cfg.preference.relative_fallback and kept is not None and len(kept) >= 2:
-            pairs = build_pairs(relative_hardness(kept), cfg.preference.max_pairs, cfg.run.seed + k,
-                                answer_prefix=cfg.describer.answer_prefix)
-            relative = bool(pairs)
-            logger.warning("iteration %d: the threshold split gave no hard/easy pairs; using %d relative pairs", k, len(pairs))
-        if not pairs:
-            logger.warning("iteration %d: no hard/easy pairs (hard %d of %d): DPO skipped, the adapter stays",
-                           k, sum(bool(r["is_hard"]) for r in records), len(records))
-            return {"n_pairs": 0, "skipped": True}
-        if len(pairs) < cfg.preference.min_pairs:
-            logger.warning("iteration %d: %d DPO pairs, fewer than preference.min_pairs=%d: DPO skipped, the adapter stays",
-                           k, len(pairs), cfg.preference.min_pairs)
-            return {"n_pairs": len(pairs), "skipped": True, "reason": "fewer pairs than preference.min_pairs"}
+        pairs, relative, skipped = self._dpo_pairs(k)
+        if skipped is not None:
+            return skipped
         prev_path, prev_version = self.state.adapter_path, self.state.adapter_version
         shift_before = self._shift_set(prev_version) if cfg.preference.shift_prompts else None
         out = self.layout.adapter(k)
-        base = resolve_model_path(cfg.describer.model, str(cfg.paths.cache_dir()))
-        job = dict(  # the device is resolved where the job runs, not on the driver
-            prev_adapter=prev_path, answer_prefix=cfg.describer.answer_prefix,
-            seed=cfg.run.seed + k, device=cfg.run.device, chat=resolve_template(cfg.describer).chat,
-            trust_remote_code=cfg.describer.trust_remote_code,
-        )
-        if cfg.preference.num_workers > 1:
-            metrics = run_dpo_ray_train(base, pairs, str(out), cfg.preference, storage_path=str(self.layout.ray_train),
-                                        name=f"dpo_iter_{k}", **job)
-        else:
-            task = one_shot_task(dpo_remote_entry, cfg.preference.resources)
-            metrics = ray.get(task.remote(base_model=base, pairs=pairs, out_dir=str(out), cfg=cfg.preference, **job))
+        metrics = self._train_adapter(k, pairs, out, prev_path)
         if self.pools is not None:  # else the next ensure_pools() loads it from the state
             self.pools.load_adapter(str(out), k)
         self.state.adapter_path, self.state.adapter_version = str(out), k
@@ -515,6 +483,53 @@ class KKARun:
                 self.state.adapter_path, self.state.adapter_version = prev_path, prev_version
                 result["rolled_back"] = True
         return result
+
+    def _dpo_pairs(self, k: int) -> tuple[list, bool, dict[str, Any] | None]:
+        """(pairs, relative, None), or the stage result when DPO is skipped: no pairs (the
+        relative fallback tried where configured), or fewer than ``preference.min_pairs``."""
+        from kka_ray.preference.pairs import build_pairs
+
+        cfg = self.cfg
+        records, kept = self._preference_records(k)
+        pairs = build_pairs(records, cfg.preference.max_pairs, cfg.run.seed + k, answer_prefix=cfg.describer.answer_prefix)
+        relative = False
+        if not pairs and cfg.preference.relative_fallback and kept is not None and len(kept) >= 2:
+            pairs = build_pairs(relative_hardness(kept), cfg.preference.max_pairs, cfg.run.seed + k,
+                                answer_prefix=cfg.describer.answer_prefix)
+            relative = bool(pairs)
+            logger.warning("iteration %d: the threshold split gave no hard/easy pairs; using %d relative pairs", k, len(pairs))
+        if not pairs:
+            logger.warning("iteration %d: no hard/easy pairs (hard %d of %d): DPO skipped, the adapter stays",
+                           k, sum(bool(r["is_hard"]) for r in records), len(records))
+            return pairs, relative, {"n_pairs": 0, "skipped": True}
+        if len(pairs) < cfg.preference.min_pairs:
+            logger.warning("iteration %d: %d DPO pairs, fewer than preference.min_pairs=%d: DPO skipped, the adapter stays",
+                           k, len(pairs), cfg.preference.min_pairs)
+            return pairs, relative, {"n_pairs": len(pairs), "skipped": True, "reason": "fewer pairs than preference.min_pairs"}
+        return pairs, relative, None
+
+    def _train_adapter(self, k: int, pairs: list, out: Path, prev_adapter: str | None) -> dict[str, Any]:
+        """The DPO job (one Ray task, or a Ray Train job of ``preference.num_workers``) from the
+        current adapter to adapter ``k`` at ``out``; returns its metrics."""
+        import ray
+
+        from kka_ray.cluster import one_shot_task
+        from kka_ray.generation.text import resolve_model_path
+        from kka_ray.knowledge.prompts import resolve_template
+        from kka_ray.preference.dpo import dpo_remote_entry, run_dpo_ray_train
+
+        cfg = self.cfg
+        base = resolve_model_path(cfg.describer.model, str(cfg.paths.cache_dir()))
+        job = dict(  # the device is resolved where the job runs, not on the driver
+            prev_adapter=prev_adapter, answer_prefix=cfg.describer.answer_prefix,
+            seed=cfg.run.seed + k, device=cfg.run.device, chat=resolve_template(cfg.describer).chat,
+            trust_remote_code=cfg.describer.trust_remote_code,
+        )
+        if cfg.preference.num_workers > 1:
+            return run_dpo_ray_train(base, pairs, str(out), cfg.preference, storage_path=str(self.layout.ray_train),
+                                     name=f"dpo_iter_{k}", **job)
+        task = one_shot_task(dpo_remote_entry, cfg.preference.resources)
+        return ray.get(task.remote(base_model=base, pairs=pairs, out_dir=str(out), cfg=cfg.preference, **job))
 
     def _shift_set(self, version: int):
         """The describer's outputs for the fixed held-out prompts and seeds with adapter ``version``,

@@ -33,7 +33,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
 
@@ -49,6 +49,10 @@ Part = Literal["train", "holdout", "test"]
 
 CONFIG_FILE = "config.yaml"
 STATE_FILE = "state.json"
+
+
+def _per_iteration(folder: str, suffix: str = "") -> Callable[["RunLayout", int], Path]:
+    return lambda self, k: self.root / folder / f"iter_{k}{suffix}"
 
 
 class RunLayout:
@@ -78,28 +82,20 @@ class RunLayout:
     def stage_record(self, stage: str) -> Path:
         return self.root / "stages" / f"{stage}.json"
 
-    def generated(self, k: int) -> Path:
-        return self.root / "generated" / f"iter_{k}"
-
-    def evaluator(self, k: int) -> Path:
-        return self.root / "evaluator" / f"iter_{k}"
+    # per iteration k: <folder>/iter_<k><suffix>
+    generated = _per_iteration("generated")  # the stream's Parquet output
+    evaluator = _per_iteration("evaluator")  # the confusion evaluator and its split
+    audit = _per_iteration("audit", ".json")
+    anomaly_set = _per_iteration("sets", ".json")  # the anomaly set after iteration k
+    adapter = _per_iteration("adapters")  # the describer's LoRA adapter written after iteration k
 
     def split(self, k: int) -> Path:
         """The hard and easy ids of iteration ``k``'s new anomalies."""
         return self.evaluator(k) / "split.json"
 
-    def audit(self, k: int) -> Path:
-        return self.root / "audit" / f"iter_{k}.json"
-
-    def anomaly_set(self, k: int) -> Path:
-        return self.root / "sets" / f"iter_{k}.json"
-
     def detector(self, tag: str) -> Path:
         """A detector's checkpoint directory: ``baseline_<name>`` or ``iter_<k>``."""
         return self.root / "detector" / tag
-
-    def adapter(self, k: int) -> Path:
-        return self.root / "adapters" / f"iter_{k}"
 
     def shift(self, version: int) -> Path:
         return self.root / "shift" / f"v{version}.parquet"

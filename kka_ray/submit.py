@@ -38,10 +38,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator, Mapping, TextIO
 
-import yaml
 
 import kka_ray
-from kka_ray.config import ConfigError, KKAConfig, load_config
+from kka_ray.config import ConfigError, KKAConfig, load_config, load_yaml_mapping
 from kka_ray.drivers import CONFIG_ENV
 
 logger = logging.getLogger(__name__)
@@ -113,16 +112,7 @@ def check_env_names(names: list[str], field: str) -> None:
 
 
 def load_runtime_env_file(path: str | os.PathLike) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--runtime-env {str(p)!r} does not exist")
-    try:
-        env = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--runtime-env {p} is not valid YAML: {err}") from None
-    if not isinstance(env, dict):
-        raise ConfigError(f"--runtime-env {p} must be a mapping (working_dir, excludes, env_vars, ...)")
-    return env
+    return load_yaml_mapping(path, "--runtime-env", "a mapping: working_dir, excludes, env_vars, ...")
 
 
 def build_runtime_env(

@@ -44,6 +44,19 @@ def tiny_cache(tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="module")
+def ray_two_cpus():
+    """A local Ray cluster of two CPUs for a test module (or the one already running)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
 @pytest.fixture(autouse=True)
 def _quiet_ray(monkeypatch):
     monkeypatch.setenv("RAY_DEDUP_LOGS", "0")
@@ -79,3 +92,21 @@ def wait_for_own_ray_pid(marker: str, exclude: set[int] = frozenset(), timeout_s
             return min(fresh)
         time.sleep(0.1)
     return None
+
+
+def start_background(fn):
+    """Start ``fn()`` in a thread; returns (thread, result): ``result["value"]`` holds what it
+    returned, ``result["error"]`` what it raised (for the test to assert on)."""
+    import threading
+
+    result: dict = {}
+
+    def body():
+        try:
+            result["value"] = fn()
+        except Exception as err:  # surfaced by the caller's assertions
+            result["error"] = err
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    return thread, result

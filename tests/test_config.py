@@ -81,3 +81,52 @@ def test_vllm_lora_ranks_are_checked():
     assert "<root>" not in str(err.value)
     assert load_config(overrides=["describer.backend=vllm", "preference.lora_r=32", "describer.max_lora_rank=32"])
     assert load_config(overrides=["preference.lora_r=32"])  # transformers loads any rank
+
+
+def test_the_shipped_default_is_generated_from_the_code():
+    """configs/default.yaml states no default of its own: it is the code's defaults, written by
+    ``python -m kka_ray.config`` (regenerate it after changing a default)."""
+    from kka_ray.config import default_config_text, generated_default_text
+
+    assert default_config_text() == generated_default_text(), (
+        "kka_ray/configs/default.yaml differs from the defaults in kka_ray/config.py: "
+        "python -m kka_ray.config > kka_ray/configs/default.yaml")
+
+
+def _readme_examples() -> list[tuple[str, dict]]:
+    """Every config the README shows: YAML blocks of config sections, and the key=value overrides
+    of its `kka run` / `kka submit` command lines (a shell variable stands for a path)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    sections = set(KKAConfig.model_fields)
+    found = []
+    for block in re.findall(r"```yaml\n(.*?)```", text, flags=re.S):
+        tree = yaml.safe_load(block)
+        if isinstance(tree, dict) and set(tree) <= sections:
+            found.append(("yaml block", tree))
+    for line in re.findall(r"^\s*(kka (?:run|submit \w+) .*)$", text, flags=re.M):
+        overrides = [t.replace("$HOME", "/home/u") for t in line.split("#")[0].split()
+                     if "=" in t and not t.startswith("-")]
+        if overrides:
+            found.append((line, apply_overrides({}, overrides)))
+    return found
+
+
+def test_every_shipped_config_validates():
+    """The default, the GPU config and every config example in the README load without error."""
+    from pathlib import Path
+
+    from kka_ray.config import from_dict
+
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted((root / "kka_ray" / "configs").glob("*.yaml")):
+        load_config(path)
+    examples = _readme_examples()
+    assert len(examples) >= 5  # the GPU block and the command lines
+    for where, tree in examples:
+        try:
+            from_dict(tree)
+        except ConfigError as err:
+            raise AssertionError(f"README example {where!r}: {err}") from None

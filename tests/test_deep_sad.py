@@ -166,18 +166,6 @@ def _auroc(neg: np.ndarray, pos: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def data():
     rng = np.random.default_rng(0)
     shift = 1.5
@@ -191,7 +179,7 @@ def data():
 
 
 @pytest.fixture(scope="module")
-def fitted(ray_cluster, data, tmp_path_factory):
+def fitted(ray_two_cpus, data, tmp_path_factory):
     from kka_ray.detectors.deep_sad import DeepSAD
 
     # an EvaluatorSection (a DeepSADSection subclass) as the engine passes it
@@ -248,7 +236,7 @@ def test_checkpoint_is_safetensors_and_round_trips(fitted, data, tmp_path):
 
 
 @pytest.mark.slow
-def test_arrays_become_a_tensor_dataset_with_its_shape(ray_cluster):
+def test_arrays_become_a_tensor_dataset_with_its_shape(ray_two_cpus):
     from kka_ray.detectors.deep_sad.train import _dataset_in_shape, arrays_to_dataset
 
     x = np.arange(40 * 3, dtype=np.float32).reshape(40, 3)
@@ -264,7 +252,7 @@ def test_arrays_become_a_tensor_dataset_with_its_shape(ray_cluster):
 
 
 @pytest.mark.slow
-def test_confusion_evaluator_splits_unseen_anomalies_by_closeness(ray_cluster, tmp_path):
+def test_confusion_evaluator_splits_unseen_anomalies_by_closeness(ray_two_cpus, tmp_path):
     """The evaluator trains on normals + the anomaly set, then splits new anomalies it has not seen:
     the ones that lie among the normals are hard, the far ones easy; a quantile threshold keeps the
     split non-degenerate where the maximum of held-out normals would call everything hard."""
@@ -297,7 +285,7 @@ def test_confusion_evaluator_splits_unseen_anomalies_by_closeness(ray_cluster, t
 
 
 @pytest.mark.slow
-def test_two_ray_train_workers_fit_as_one(ray_cluster, data, tmp_path):
+def test_two_ray_train_workers_fit_as_one(ray_two_cpus, data, tmp_path):
     """Deep SAD (the evaluator's and the SAD detector's model) on two Ray Train workers (gloo DDP,
     each worker half of the rows) against one worker, same seed: the centre ``c`` is the mean of the
     same initial phi over all rows, so it agrees to float precision; the weights then follow
@@ -329,29 +317,20 @@ def _train_worker_pids() -> set[int]:
 
 
 @pytest.mark.slow
-def test_a_killed_ray_train_worker_is_replaced_and_the_fit_completes(ray_cluster, data, tmp_path):
+def test_a_killed_ray_train_worker_is_replaced_and_the_fit_completes(ray_two_cpus, data, tmp_path):
     """A Ray Train worker killed (SIGKILL, as an OOM kill or a lost node) in the middle of a Deep SAD
     fit: Ray Train's FailureConfig starts a new worker, the fit runs again from its start and
     finishes with every epoch and its checkpoint; the killed process is gone."""
     import signal
-    import threading
     import time
 
+    from conftest import start_background
     from kka_ray.detectors.deep_sad import DeepSAD
 
     before = _train_worker_pids()
     cfg = EvaluatorSection(hidden_dims=[32], rep_dim=8, epochs=300, batch_size=16, lr=1e-3, pretrain_autoencoder=False)
-    result: dict = {}
-
-    def fit():
-        try:
-            result["det"] = DeepSAD(cfg, storage_path=str(tmp_path / "rt"), seed=0).fit(
-                data["normal"], data["anomalies"], name="killed")
-        except Exception as err:  # surfaced by the assertion below
-            result["error"] = err
-
-    thread = threading.Thread(target=fit)
-    thread.start()
+    thread, result = start_background(lambda: DeepSAD(cfg, storage_path=str(tmp_path / "rt"), seed=0).fit(
+        data["normal"], data["anomalies"], name="killed"))
     deadline, victim = time.monotonic() + 300, None
     while victim is None and time.monotonic() < deadline and thread.is_alive():
         new = _train_worker_pids() - before
@@ -369,7 +348,7 @@ def test_a_killed_ray_train_worker_is_replaced_and_the_fit_completes(ray_cluster
     thread.join(timeout=900)
     assert replacement is not None, "the killed worker was not replaced (did the fit end before the kill?)"
     assert "error" not in result, result.get("error")
-    det = result["det"]
+    det = result["value"]
     assert len([h for h in det.history_ if h["stage"] == "deep_sad"]) == 300
     assert os.path.isfile(os.path.join(det.checkpoint_path_, "model.safetensors"))
     assert victim not in _train_worker_pids()

@@ -168,7 +168,7 @@ def test_vllm_backend_without_vllm_gives_clear_error(tiny_lm):
     from kka_ray.generation.vllm_text import VLLMTextGenerator
 
     with pytest.raises(RuntimeError, match=r"pip install 'kka-ray\[gpu\]'"):
-        VLLMTextGenerator(str(tiny_lm))
+        VLLMTextGenerator(str(tiny_lm), _cfg(tiny_lm, backend="vllm"))
     with pytest.raises(RuntimeError, match=r"vllm backend needs vLLM.*setup.sh --vllm-cpu"):
         make_text_generator(_cfg(tiny_lm, backend="vllm"), cache_dir=tiny_lm.parent)
 

@@ -172,15 +172,6 @@ def test_cmda_needs_one_caption_per_normal_row():
 
 
 # ------------------------------------------------------------------ Deep SAD through the interface
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
 def _blobs(seed=0):
     rng = np.random.default_rng(seed)
     normal = rng.normal(0, 1, (256, 8)).astype(np.float32)
@@ -189,7 +180,7 @@ def _blobs(seed=0):
 
 
 @pytest.mark.slow
-def test_sad_picks_its_checkpoint_on_validation_and_keeps_the_last(ray_local, tmp_path):
+def test_sad_picks_its_checkpoint_on_validation_and_keeps_the_last(ray_two_cpus, tmp_path):
     from kka_ray.detectors.deep_sad import DeepSAD
     from kka_ray.detectors.base import DetectorContext
 
@@ -261,7 +252,7 @@ def test_ablation_and_written_files(tmp_path):
 
 
 @pytest.mark.slow
-def test_cmda_fits_on_interpolated_text_features(ray_local, tmp_path):
+def test_cmda_fits_on_interpolated_text_features(ray_two_cpus, tmp_path):
     """CMDA through the public interface: real MiniLM embeddings (from the installed package),
     the ridge map, the interpolated pseudo-anomalies and a Deep SAD fit on Ray Train."""
     from kka_ray.detectors.base import DetectorContext

@@ -352,18 +352,6 @@ def test_dpo_widens_the_chosen_rejected_margin_on_a_list_completion_prompt(tiny_
     torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def ray_two_cpus():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [None, 2], ids=["ddp", "zero2"])
 def test_dpo_on_two_ray_train_workers_matches_one_process(tiny_lm, tmp_path, ray_two_cpus, zero_stage):
@@ -400,29 +388,21 @@ def test_the_dpo_job_replaces_a_killed_worker_and_finishes(tiny_lm, tmp_path, ra
     """A Ray Train DPO worker killed (SIGKILL) mid-job: FailureConfig starts a new worker group, the
     job runs again from the same seed and leaves a whole adapter with every step done."""
     import signal
-    import threading
     import time
 
     from kka_ray.preference import run_dpo_ray_train
 
-    from conftest import own_ray_pids
+    from conftest import own_ray_pids, start_background
 
     def workers() -> set[int]:  # this test's own Ray cluster only
         return own_ray_pids("RayTrainWorker")
 
     pairs = build_pairs(RECORDS, max_pairs=4, seed=0, answer_prefix=PFX)
     cfg = _cfg(max_steps=40, batch_size=2, num_workers=2, resources={"num_cpus": 1, "torch_threads": 1})
-    before, result = workers(), {}
-
-    def job():
-        try:
-            result["m"] = run_dpo_ray_train(tiny_lm, pairs, str(tmp_path / "adapter"), cfg,
-                                            storage_path=str(tmp_path / "rt"), name="dpo", answer_prefix=PFX, seed=0)
-        except Exception as err:  # surfaced below
-            result["error"] = err
-
-    thread = threading.Thread(target=job)
-    thread.start()
+    before = workers()
+    thread, result = start_background(lambda: run_dpo_ray_train(
+        tiny_lm, pairs, str(tmp_path / "adapter"), cfg, storage_path=str(tmp_path / "rt"), name="dpo",
+        answer_prefix=PFX, seed=0))
     deadline, victim = time.monotonic() + 300, None
     while victim is None and time.monotonic() < deadline and thread.is_alive():
         new = workers() - before
@@ -434,6 +414,6 @@ def test_the_dpo_job_replaces_a_killed_worker_and_finishes(tiny_lm, tmp_path, ra
     os.kill(victim, signal.SIGKILL)
     thread.join(timeout=900)
     assert "error" not in result, result.get("error")
-    assert result["m"]["steps"] == 40 and result["m"]["world_size"] == 2
+    assert result["value"]["steps"] == 40 and result["value"]["world_size"] == 2
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == sorted(ADAPTER_FILES)
     assert victim not in workers()

@@ -140,19 +140,7 @@ def fmnist():
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:  # address="local": never join another cluster on this machine
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def fitted(ray_local, fmnist, tmp_path_factory):
+def fitted(ray_two_cpus, fmnist, tmp_path_factory):
     """One fit serves (e)-(g): 48 trousers + 16 bags as stand-in generated anomalies, validation
     16 trousers + 8 bags, 32 px, 2 epochs (8 iterations); margin 10 so the term is always active."""
     from kka_ray.config import ReContrastSection

@@ -117,18 +117,6 @@ def fmnist():
     }
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 CFG = SimpleNetSection(epochs=3, gan_epochs=2, batch_size=8)
 
 
@@ -137,7 +125,7 @@ def _context(cache: str, storage) -> DetectorContext:
 
 
 @pytest.fixture(scope="module")
-def fitted(ray_cluster, lite0_cache, fmnist, tmp_path_factory):
+def fitted(ray_two_cpus, lite0_cache, fmnist, tmp_path_factory):
     """One Ray Train fit (the expensive part): trousers as normals, dresses as the generated anomalies."""
     from kka_ray.detectors.simplenet import SimpleNet
 

@@ -40,18 +40,6 @@ ENGINE_ARGS = {"enforce_eager": True, "max_model_len": 512}
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     from kka_ray.generation.smollm2 import SMOLLM2_NAME, prepare_smollm2
 
@@ -81,7 +69,7 @@ def _dpo_adapter(cache, name, out) -> str:
     return str(out)
 
 
-def test_vllm_describer_in_a_resident_actor_takes_a_dpo_adapter(smollm2, ray_local, tmp_path):
+def test_vllm_describer_in_a_resident_actor_takes_a_dpo_adapter(smollm2, ray_two_cpus, tmp_path):
     import ray
 
     from kka_ray.config import DescriberSection, RoleResources

@@ -22,6 +22,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -215,14 +216,57 @@ def judge_cache_key(cfg: "KKAConfig", kind: str) -> str:
     return f"{parts['dataset']}-{kind}-{digest}"
 
 
+def _load_cached_judge(kind: str, weights: Path, meta_path: Path, extractor: Any) -> Judge:
+    meta = json.loads(meta_path.read_text())
+    names = list(meta["class_names"])
+    judge = Judge(kind, names, np.asarray(meta["confusion"], np.int64), extractor=extractor)
+    if kind == "cnn":
+        from safetensors.torch import load_file
+
+        judge.model = small_cnn(len(names))
+        judge.model.load_state_dict(load_file(str(weights)))
+        judge.model.eval()
+    else:
+        from safetensors.numpy import load_file as load_np
+
+        state = load_np(str(weights))
+        judge.probe = (state["weight"], state["bias"])
+    return judge
+
+
+def _fit_probe(z: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A logistic-regression probe on L2-normalised backbone features: (weight, bias) per class."""
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(C=PROBE_C, max_iter=PROBE_MAX_ITER).fit(z, y)
+    w = np.zeros((n_classes, z.shape[1]), np.float32)
+    b = np.full(n_classes, -1e9, np.float32)  # classes absent from training are never predicted
+    w[clf.classes_] = clf.coef_.astype(np.float32) if len(clf.classes_) > 2 else np.vstack([-clf.coef_, clf.coef_])
+    b[clf.classes_] = clf.intercept_.astype(np.float32) if len(clf.classes_) > 2 else np.array([-clf.intercept_[0], clf.intercept_[0]])
+    return w, b
+
+
+def _save_judge(judge: Judge, weights: Path, meta_path: Path, meta: dict[str, Any]) -> None:
+    """Weights (safetensors) then metadata, each written whole."""
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    tmp = weights.with_suffix(".tmp")
+    if judge.kind == "cnn":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in judge.model.state_dict().items()}, str(tmp))
+    else:
+        from safetensors.numpy import save_file as save_np
+
+        save_np({"weight": judge.probe[0], "bias": judge.probe[1]}, str(tmp))
+    tmp.replace(weights)
+    meta_tmp = meta_path.with_suffix(".tmp")
+    meta_tmp.write_text(json.dumps(meta, indent=1))
+    meta_tmp.replace(meta_path)
+
+
 def load_or_train_judge(cfg: "KKAConfig") -> Judge:
     """The run's judge from ``<model cache>/judges/`` or, the first time, trained and cached there."""
-    from safetensors.numpy import load_file as load_np
-    from safetensors.numpy import save_file as save_np
-
-    from kka_ray.data.protocols import load_dataset_sets
-
-    from kka_ray.data.protocols import dataset_key
+    from kka_ray.data.protocols import dataset_key, load_dataset_sets
 
     a = cfg.audit
     kind = a.judge if a.judge != "auto" else AUTO_KIND.get(dataset_key(cfg.data))
@@ -239,19 +283,7 @@ def load_or_train_judge(cfg: "KKAConfig") -> Judge:
 
         extractor = extractor_for(cfg)
     if weights.is_file() and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        names = list(meta["class_names"])
-        judge = Judge(kind, names, np.asarray(meta["confusion"], np.int64), extractor=extractor)
-        if kind == "cnn":
-            from safetensors.torch import load_file
-
-            judge.model = small_cnn(len(names))
-            judge.model.load_state_dict(load_file(str(weights)))
-            judge.model.eval()
-        else:
-            state = load_np(str(weights))
-            judge.probe = (state["weight"], state["bias"])
-        return judge
+        return _load_cached_judge(kind, weights, meta_path, extractor)
 
     if train is None:
         train, test = load_dataset_sets(cfg.data, seed=cfg.run.seed)
@@ -265,36 +297,17 @@ def load_or_train_judge(cfg: "KKAConfig") -> Judge:
     if kind == "cnn":
         judge.model = train_cnn(x_train, y_train, len(names), a.judge_epochs, a.judge_seed)
     elif kind == "probe":
-        from sklearn.linear_model import LogisticRegression
-
         from kka_ray.knowledge.features import FeatureNormalizer
 
-        z = FeatureNormalizer.l2_normalize(extractor(x_train))
-        clf = LogisticRegression(C=PROBE_C, max_iter=PROBE_MAX_ITER).fit(z, y_train)
-        w = np.zeros((len(names), z.shape[1]), np.float32)
-        b = np.full(len(names), -1e9, np.float32)  # classes absent from training are never predicted
-        w[clf.classes_] = clf.coef_.astype(np.float32) if len(clf.classes_) > 2 else np.vstack([-clf.coef_, clf.coef_])
-        b[clf.classes_] = clf.intercept_.astype(np.float32) if len(clf.classes_) > 2 else np.array([-clf.intercept_[0], clf.intercept_[0]])
-        judge.probe = (w, b)
+        judge.probe = _fit_probe(FeatureNormalizer.l2_normalize(extractor(x_train)), y_train, len(names))
     else:
         raise ValueError(f"audit.judge {kind!r} is not one of auto, cnn, probe")
     test_idx = _sample_per_class(test.labels, per_class, a.judge_seed + 1)
     x_test, y_test = _decoded(test, test_idx)
     judge.confusion = _confusion(judge.predict(x_test), y_test, len(names))
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = weights.with_suffix(".tmp")
-    if kind == "cnn":
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in judge.model.state_dict().items()}, str(tmp))
-    else:
-        save_np({"weight": judge.probe[0], "bias": judge.probe[1]}, str(tmp))
-    tmp.replace(weights)
     meta = {"kind": kind, "class_names": names, "confusion": judge.confusion.tolist(), "test_accuracy": judge.test_accuracy,
             "n_train": int(len(y_train)), "n_test": int(len(y_test)), "seconds": round(time.perf_counter() - t0, 1)}
-    meta_tmp = meta_path.with_suffix(".tmp")
-    meta_tmp.write_text(json.dumps(meta, indent=1))
-    meta_tmp.replace(meta_path)
+    _save_judge(judge, weights, meta_path, meta)
     logger.info("audit judge %s: test accuracy %.4f (%.0f s), cached at %s", key, judge.test_accuracy,
                 meta["seconds"], weights)
     return judge

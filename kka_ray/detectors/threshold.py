@@ -8,17 +8,14 @@ from typing import Literal
 
 import numpy as np
 
+from kka_ray.arrays import finite_array
+
 DEFAULT_QUANTILE = 0.95
 
 
 def check_distances(values: np.ndarray, what: str) -> np.ndarray:
     """``values`` as a finite 1-d float64 array (``what`` names it in the error)."""
-    d = np.asarray(values, dtype=np.float64)
-    if d.ndim != 1:
-        raise ValueError(f"{what} must be a 1-d array of distances, got shape {d.shape}")
-    if not np.isfinite(d).all():
-        raise ValueError(f"{what} has {int((~np.isfinite(d)).sum())} non-finite values (NaN/inf): the evaluator diverged")
-    return d
+    return finite_array(values, 1, what, "a 1-d array of distances", "the evaluator diverged")
 
 
 def distance_threshold(

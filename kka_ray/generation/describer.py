@@ -107,58 +107,10 @@ class Describer:
 
             self._seen.update(description_key(t) for t in ray.get(ledger.kept_texts.remote("describer")))
         self._fresh = False
-        missing = [c for c in INPUT_COLUMNS if c not in batch]
-        if missing:
-            raise KeyError(
-                f"describer batch lacks columns {missing}; it needs {list(INPUT_COLUMNS)} "
-                f"(got {sorted(batch)})"
-            )
-        cols = {c: np.asarray(batch[c]) for c in INPUT_COLUMNS}
-        n_rows = len(cols["prompt"])
-        if any(len(v) != n_rows for v in cols.values()):
-            raise ValueError(f"describer batch columns differ in length: { {c: len(v) for c, v in cols.items()} }")
-        n = self.cfg.samples_per_prompt
+        cols = _input_columns(batch)
         version = self.adapter_version()
-        rows: list[tuple[int, int, str]] = []  # (input row, sample_idx, text)
-        counts: Counter = Counter()
-        start = time.perf_counter()
-        # Rows sharing a seed are sampled in one call, in input order.
-        for seed in dict.fromkeys(int(s) for s in cols["seed"]):
-            idx = [i for i in range(n_rows) if int(cols["seed"][i]) == seed]
-            raw = self.generator.generate([str(cols["prompt"][i]) for i in idx], n, seed)
-            for i, outputs in zip(idx, raw):
-                if len(outputs) != n:
-                    raise RuntimeError(f"text backend returned {len(outputs)} samples for a prompt, expected {n}")
-                parsed, drops = parse_descriptions(
-                    outputs,
-                    max_chars=self.cfg.max_chars,
-                    first_sentence_only=self.cfg.first_sentence_only,
-                    answer_prefix=self.cfg.answer_prefix,
-                    seen=self._seen,
-                )
-                counts.update(drops)
-                counts["generated"] += len(outputs)
-                rows.extend((i, k, text) for k, text in enumerate(parsed) if text is not None)
-        seconds = time.perf_counter() - start
-        counts["kept"] = len(rows)
-        batch_counts = {"generated": counts["generated"], "kept": counts["kept"], "generate_seconds": seconds,
-                        **{f"dropped_{r}": counts[r] for r in DROP_REASONS}}
-        if ledger is not None:  # keyed by the batch's rows: a retried batch overwrites its record
-            import ray
-
-            key = (int(cols["seed"][0]), *sorted(int(x) for x in cols["prompt_id"])) if n_rows else ()
-            ray.get(ledger.record.remote("describer", str(key), batch_counts, [r[2] for r in rows]))
-        for target in (self._total, self._iter):
-            target["generated"] += counts["generated"]
-            target["kept"] += counts["kept"]
-            for r in DROP_REASONS:
-                target[f"dropped_{r}"] += counts[r]
-            target["generate_seconds"] += seconds
-        if counts["generated"]:
-            logger.debug(
-                "describer: %d generated, %d kept, drops %s (adapter v%d, %.1fs)",
-                counts["generated"], counts["kept"], {r: counts[r] for r in DROP_REASONS if counts[r]}, version, seconds,
-            )
+        rows, counts, seconds = self._sample(cols)
+        self._record(cols, rows, counts, seconds, version, ledger)
         src = np.array([r[0] for r in rows], dtype=np.int64)
         return {
             "prompt_id": cols["prompt_id"][src],
@@ -172,6 +124,61 @@ class Describer:
 
     __call__ = describe  # so Ray Data can use the class directly in map_batches
 
+    def _sample(self, cols: dict[str, np.ndarray]) -> tuple[list[tuple[int, int, str]], Counter, float]:
+        """``samples_per_prompt`` samples per row, parsed: (input row, sample_idx, text) of the kept
+        ones, the drop counts, and the seconds it took. Rows sharing a seed are sampled in one
+        call, in input order."""
+        n, n_rows = self.cfg.samples_per_prompt, len(cols["prompt"])
+        rows: list[tuple[int, int, str]] = []
+        counts: Counter = Counter()
+        start = time.perf_counter()
+        for seed in dict.fromkeys(int(s) for s in cols["seed"]):
+            idx = [i for i in range(n_rows) if int(cols["seed"][i]) == seed]
+            raw = self.generator.generate([str(cols["prompt"][i]) for i in idx], n, seed)
+            for i, outputs in zip(idx, raw):
+                if len(outputs) != n:
+                    raise RuntimeError(f"text backend returned {len(outputs)} samples for a prompt, expected {n}")
+                parsed, drops = parse_descriptions(outputs, max_chars=self.cfg.max_chars,
+                                                   first_sentence_only=self.cfg.first_sentence_only,
+                                                   answer_prefix=self.cfg.answer_prefix, seen=self._seen)
+                counts.update(drops)
+                counts["generated"] += len(outputs)
+                rows.extend((i, k, text) for k, text in enumerate(parsed) if text is not None)
+        counts["kept"] = len(rows)
+        return rows, counts, time.perf_counter() - start
+
+    def _record(self, cols: dict[str, np.ndarray], rows: list[tuple[int, int, str]], counts: Counter,
+                seconds: float, version: int, ledger: Any) -> None:
+        """Add a batch's counts to this actor's totals and, keyed by the batch's rows (a retried
+        batch overwrites its record), to the ledger."""
+        batch_counts = {"generated": counts["generated"], "kept": counts["kept"], "generate_seconds": seconds,
+                        **{f"dropped_{r}": counts[r] for r in DROP_REASONS}}
+        if ledger is not None:
+            import ray
+
+            key = (int(cols["seed"][0]), *sorted(int(x) for x in cols["prompt_id"])) if len(cols["seed"]) else ()
+            ray.get(ledger.record.remote("describer", str(key), batch_counts, [r[2] for r in rows]))
+        for target in (self._total, self._iter):
+            for name, value in batch_counts.items():
+                target[name] += value
+        if counts["generated"]:
+            logger.debug(
+                "describer: %d generated, %d kept, drops %s (adapter v%d, %.1fs)",
+                counts["generated"], counts["kept"], {r: counts[r] for r in DROP_REASONS if counts[r]}, version, seconds,
+            )
+
+
+def _input_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The batch's input columns as arrays of one length, or an error naming what is wrong."""
+    missing = [c for c in INPUT_COLUMNS if c not in batch]
+    if missing:
+        raise KeyError(f"describer batch lacks columns {missing}; it needs {list(INPUT_COLUMNS)} (got {sorted(batch)})")
+    cols = {c: np.asarray(batch[c]) for c in INPUT_COLUMNS}
+    n_rows = len(cols["prompt"])
+    if any(len(v) != n_rows for v in cols.values()):
+        raise ValueError(f"describer batch columns differ in length: { {c: len(v) for c, v in cols.items()} }")
+    return cols
+
 
 def make_text_generator(cfg: "DescriberSection", cache_dir: str | os.PathLike, device: str = "cpu") -> "TextGenerator":
     """Build the backend ``cfg.backend`` names, with the model resolved against ``cache_dir``."""
@@ -180,30 +187,14 @@ def make_text_generator(cfg: "DescriberSection", cache_dir: str | os.PathLike, d
     from kka_ray.knowledge.prompts import resolve_template
 
     model_path = resolve_model_path(cfg.model, cache_dir)
-    common = dict(
-        chat=resolve_template(cfg).chat,
-        dtype=cfg.dtype,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        answer_prefix=cfg.answer_prefix,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    chat = resolve_template(cfg).chat
     if cfg.backend == "vllm":
         from kka_ray.generation.vllm_text import VLLMTextGenerator
 
-        return VLLMTextGenerator(
-            model_path,
-            max_lora_rank=cfg.max_lora_rank,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            stop_at_newline=cfg.first_sentence_only,
-            **common,
-            **cfg.engine_args,
-        )
+        return VLLMTextGenerator(model_path, cfg, chat=chat)
     if cfg.backend == "transformers":
         try:
-            return TransformersTextGenerator(model_path, device=device, batch_size=cfg.batch_size,
-                                             stop_at_newline=cfg.first_sentence_only, **common)
+            return TransformersTextGenerator(model_path, cfg, device=device, chat=chat)
         except RuntimeError as err:
             if "could not load" in str(err) and not Path(model_path).is_dir():
                 raise RuntimeError(missing_model_message(cfg.model, cache_dir) + f" ({err})") from err

@@ -18,9 +18,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from kka_ray.generation.resolve import resolve_model_path
+
+if TYPE_CHECKING:
+    from kka_ray.config import DescriberSection
 
 logger = logging.getLogger(__name__)
 
@@ -128,43 +131,23 @@ def _torch_dtype(name: str):
 class TransformersTextGenerator:
     """Batched sampling with ``transformers`` ``generate`` on a resident model; peft LoRA hot-swap."""
 
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        device: str = "cpu",
-        dtype: str = "float32",
-        max_new_tokens: int = 40,
-        temperature: float = 0.9,
-        top_p: float = 0.95,
-        batch_size: int = 64,
-        answer_prefix: str = "a photo of a",
-        trust_remote_code: bool = False,
-        stop_at_newline: bool = False,
-        chat: bool = True,
-    ) -> None:
+    def __init__(self, model_path: str, cfg: "DescriberSection", *, device: str = "cpu", chat: bool = True) -> None:
+        """``cfg`` (the ``describer`` section) sets dtype, sampling, batch size and answer prefix."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if batch_size < 1 or max_new_tokens < 1:
-            raise ValueError("batch_size and max_new_tokens must be >= 1")
-        self.model_path = str(model_path)
         from kka_ray.devices import resolve_device
 
+        self.model_path, self.cfg, self.chat = str(model_path), cfg, chat
         self.device = resolve_device(device)
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
-        self.batch_size = batch_size
-        self.answer_prefix = answer_prefix
-        self.chat = chat
         self.adapter_version = 0
         self._adapter_name: str | None = None
         self._adapter_count = 0
+        trust_remote_code = cfg.trust_remote_code
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(
-                self.model_path, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code
+                self.model_path, dtype=_torch_dtype(cfg.dtype), trust_remote_code=trust_remote_code
             )
         except OSError as err:
             raise RuntimeError(f"could not load {self.model_path!r}: {err}") from err
@@ -177,13 +160,13 @@ class TransformersTextGenerator:
         # its first newline (saves most of max_new_tokens on CPU).
         # (tokenizers that have a token for a blank line, as Gemma's, stop there too)
         newlines = [self.tokenizer.encode(t, add_special_tokens=False) for t in ("\n", "\n\n")]
-        self._stop_ids = sorted({ids[0] for ids in newlines if len(ids) == 1}) if stop_at_newline else []
-        logger.info("text generator: %s on %s (%s)", self.model_path, self.device, dtype)
+        self._stop_ids = sorted({ids[0] for ids in newlines if len(ids) == 1}) if cfg.first_sentence_only else []
+        logger.info("text generator: %s on %s (%s)", self.model_path, self.device, cfg.dtype)
 
     # ------------------------------------------------------------------ sampling
 
     def chat_prompts(self, prompts: list[str]) -> list[str]:
-        return [format_prompt(self.tokenizer, p, self.answer_prefix, self.chat) for p in prompts]
+        return [format_prompt(self.tokenizer, p, self.cfg.answer_prefix, self.chat) for p in prompts]
 
     def generate(self, prompts: list[str], n: int, seed: int) -> list[list[str]]:
         if n < 1:
@@ -191,7 +174,7 @@ class TransformersTextGenerator:
         torch = self._torch
         texts = self.chat_prompts(list(prompts))
         # batch_size counts generated sequences: each prompt contributes n of them.
-        per_chunk = max(1, self.batch_size // n)
+        per_chunk = max(1, self.cfg.batch_size // n)
         torch.manual_seed(int(seed))
         out: list[list[str]] = []
         eos = self.tokenizer.eos_token_id
@@ -202,10 +185,10 @@ class TransformersTextGenerator:
                 ids = self.model.generate(
                     **enc,
                     do_sample=True,
-                    temperature=self.temperature,
-                    top_p=self.top_p,
+                    temperature=self.cfg.temperature,
+                    top_p=self.cfg.top_p,
                     top_k=0,  # nucleus sampling only, as vLLM does by default
-                    max_new_tokens=self.max_new_tokens,
+                    max_new_tokens=self.cfg.max_new_tokens,
                     num_return_sequences=n,
                     pad_token_id=self.tokenizer.pad_token_id,
                     eos_token_id=[eos, *self._stop_ids] if self._stop_ids else eos,
@@ -213,7 +196,7 @@ class TransformersTextGenerator:
             new = ids[:, enc["input_ids"].shape[1] :]  # rows: prompt-major, n per prompt
             decoded = self.tokenizer.batch_decode(new, skip_special_tokens=True)
             for i in range(len(chunk)):
-                out.append([self.answer_prefix + d for d in decoded[i * n : (i + 1) * n]])
+                out.append([self.cfg.answer_prefix + d for d in decoded[i * n : (i + 1) * n]])
         return out
 
     # ------------------------------------------------------------------ LoRA hot-swap

@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import TYPE_CHECKING
 
 from kka_ray.generation.text import adapter_to_load, format_prompt
+
+if TYPE_CHECKING:
+    from kka_ray.config import DescriberSection
 
 logger = logging.getLogger(__name__)
 
@@ -32,22 +36,9 @@ _SEED_STRIDE = 1_000_003
 class VLLMTextGenerator:
     """Sampling with a resident vLLM engine; LoRA hot-swap by ``LoRARequest``."""
 
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        dtype: str = "bfloat16",
-        max_new_tokens: int = 40,
-        temperature: float = 0.9,
-        top_p: float = 0.95,
-        answer_prefix: str = "a photo of a",
-        trust_remote_code: bool = False,
-        max_lora_rank: int = 16,
-        gpu_memory_utilization: float = 0.85,
-        chat: bool = True,
-        stop_at_newline: bool = False,
-        **engine_kwargs,
-    ) -> None:
+    def __init__(self, model_path: str, cfg: "DescriberSection", *, chat: bool = True) -> None:
+        """``cfg`` (the ``describer`` section) sets dtype, sampling, the LoRA rank, the memory share
+        and ``engine_args`` (more ``vllm.LLM`` arguments)."""
         try:
             import vllm
             from vllm.lora.request import LoRARequest
@@ -55,52 +46,46 @@ class VLLMTextGenerator:
             raise RuntimeError(GPU_EXTRA_MESSAGE) from err
         from transformers import AutoTokenizer
 
-        self.model_path = str(model_path)
-        self.answer_prefix = answer_prefix
-        self.chat = chat
-        self.stop = ["\n"] if stop_at_newline else None
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
-        self.max_lora_rank = max_lora_rank
+        self.model_path, self.cfg, self.chat = str(model_path), cfg, chat
+        self.stop = ["\n"] if cfg.first_sentence_only else None
         self.adapter_version = 0
         self._lora = None
         self._lora_count = 0
         self._vllm = vllm
         self._lora_request_cls = LoRARequest
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=cfg.trust_remote_code)
         self.llm = vllm.LLM(
             model=self.model_path,
             enable_lora=True,
-            max_lora_rank=max_lora_rank,
-            dtype=dtype,
-            gpu_memory_utilization=gpu_memory_utilization,
-            trust_remote_code=trust_remote_code,
-            **engine_kwargs,
+            max_lora_rank=cfg.max_lora_rank,
+            dtype=cfg.dtype,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            trust_remote_code=cfg.trust_remote_code,
+            **cfg.engine_args,
         )
-        logger.info("vLLM describer engine: %s (%s)", self.model_path, dtype)
+        logger.info("vLLM describer engine: %s (%s)", self.model_path, cfg.dtype)
 
     def generate(self, prompts: list[str], n: int, seed: int) -> list[list[str]]:
         if n < 1:
             raise ValueError(f"n (samples per prompt) must be >= 1, got {n}")
         inputs = [
-            {"prompt_token_ids": self.tokenizer(format_prompt(self.tokenizer, p, self.answer_prefix, self.chat),
+            {"prompt_token_ids": self.tokenizer(format_prompt(self.tokenizer, p, self.cfg.answer_prefix, self.chat),
                                                 add_special_tokens=False)["input_ids"]}
             for p in prompts
         ]
         params = [
             self._vllm.SamplingParams(
                 n=n,
-                temperature=self.temperature,
-                top_p=self.top_p,
-                max_tokens=self.max_new_tokens,
+                temperature=self.cfg.temperature,
+                top_p=self.cfg.top_p,
+                max_tokens=self.cfg.max_new_tokens,
                 stop=self.stop,
                 seed=(int(seed) * _SEED_STRIDE + i) % (2**31 - 1),
             )
             for i in range(len(prompts))
         ]
         outputs = self.llm.generate(inputs, params, lora_request=self._lora, use_tqdm=False)
-        return [[self.answer_prefix + c.text for c in out.outputs] for out in outputs]
+        return [[self.cfg.answer_prefix + c.text for c in out.outputs] for out in outputs]
 
     def load_adapter(self, path: str, version: int) -> None:
         adapter_dir = adapter_to_load(path, version)
@@ -108,10 +93,10 @@ class VLLMTextGenerator:
             self.unload_adapter()
             return
         rank = json.loads((adapter_dir / "adapter_config.json").read_text()).get("r")
-        if isinstance(rank, int) and rank > self.max_lora_rank:
+        if isinstance(rank, int) and rank > self.cfg.max_lora_rank:
             raise ValueError(
                 f"adapter {str(adapter_dir)!r} has LoRA rank {rank} > describer.max_lora_rank "
-                f"{self.max_lora_rank}; raise describer.max_lora_rank or lower preference.lora_r"
+                f"{self.cfg.max_lora_rank}; raise describer.max_lora_rank or lower preference.lora_r"
             )
         # vLLM caches adapters by int id: every load gets a fresh id, so a new adapter (even a
         # re-saved one of the same version) is read from disk, never served from the cache. It is

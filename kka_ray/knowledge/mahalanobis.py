@@ -20,6 +20,8 @@ from typing import Literal
 
 import numpy as np
 
+from kka_ray.arrays import finite_array
+
 logger = logging.getLogger(__name__)
 
 Covariance = Literal["pinv", "ledoit_wolf"]
@@ -33,12 +35,7 @@ SCORE_CHUNK = 4096
 
 
 def _check_features(z: np.ndarray, what: str) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    if z.ndim != 2:
-        raise ValueError(f"{what}: features must be 2-D (N, D), got shape {z.shape}")
-    if not np.isfinite(z).all():
-        raise ValueError(f"{what}: features contain NaN or inf; check the feature extractor and normalizer")
-    return z
+    return finite_array(z, 2, f"{what}: features", "2-D (N, D)", "check the feature extractor and normalizer")
 
 
 class MahalanobisScorer:

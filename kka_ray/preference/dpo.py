@@ -246,6 +246,40 @@ def _save_adapter(trainer: Any, cfg: PreferenceSection, save_dir: Path) -> None:
             shutil.rmtree(extra) if extra.is_dir() else extra.unlink()
 
 
+def _dpo_trainer(base_model: str, pairs: list[PreferencePair], cfg: PreferenceSection, trainer_dir: Path, *,
+                 prev_adapter: str | None, answer_prefix: str, seed: int, device: str, trust_remote_code: bool,
+                 chat: bool) -> tuple[Any, int]:
+    """TRL's DPOTrainer on ``pairs`` with the LoRA policy (the reference as Eq. 7 asks), and the
+    number of pairs it dropped for a prompt that fills ``preference.max_length``."""
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import DPOTrainer
+
+    from kka_ray.generation.text import format_prompt  # the describer's exact generation string
+
+    set_seed(seed)  # the fresh LoRA A matrices are drawn here
+    model, tokenizer = _load_policy(base_model, cfg, prev_adapter, trust_remote_code)
+    rows = [{"prompt": _as_trl_prompt(tokenizer, format_prompt(tokenizer, p.prompt, answer_prefix, chat)),
+             "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
+    trainer = DPOTrainer(model=model, ref_model=None, args=_dpo_args(cfg, trainer_dir, device, seed),
+                         train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    # TRL drops pairs whose prompt alone fills max_length; count them.
+    too_long = len(pairs) - len(trainer.train_dataset)
+    if too_long == len(pairs):
+        raise ValueError(
+            f"all {len(pairs)} prompts are at least preference.max_length={cfg.max_length} "
+            "tokens long: raise preference.max_length"
+        )
+    if too_long:
+        logger.warning("DPO dropped %d of %d pairs whose prompt fills max_length", too_long, len(pairs))
+    policy = trainer.model
+    if cfg.reference == "base" and "ref" in policy.peft_config:
+        # TRL copied the loaded adapter as the reference; Eq. 7's L_ref is the base model.
+        policy.delete_adapter("ref")
+        policy.set_adapter("default")
+    return trainer, too_long
+
+
 def run_dpo(
     base_model: str,
     pairs: list[PreferencePair],
@@ -275,44 +309,14 @@ def run_dpo(
     device = resolve_device(device)
     t0 = time.perf_counter()
 
-    from datasets import Dataset
-    from transformers import set_seed
-    from trl import DPOTrainer
-
-    from kka_ray.generation.text import format_prompt  # the describer's exact generation string
-
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         with _deepspeed_process_state(cfg.deepspeed.enabled):
-            set_seed(seed)  # the fresh LoRA A matrices are drawn here
-            model, tokenizer = _load_policy(base_model, cfg, prev_adapter, trust_remote_code)
-            rows = []
-            for p in pairs:
-                prompt = _as_trl_prompt(tokenizer, format_prompt(tokenizer, p.prompt, answer_prefix, chat))
-                rows.append({"prompt": prompt, "chosen": p.chosen, "rejected": p.rejected})
-            trainer = DPOTrainer(
-                model=model,
-                ref_model=None,
-                args=_dpo_args(cfg, tmp / "trainer", device, seed),
-                train_dataset=Dataset.from_list(rows),
-                processing_class=tokenizer,
-            )
-            # TRL drops pairs whose prompt alone fills max_length; count them.
-            too_long = len(pairs) - len(trainer.train_dataset)
-            if too_long == len(pairs):
-                raise ValueError(
-                    f"all {len(pairs)} prompts are at least preference.max_length={cfg.max_length} "
-                    "tokens long: raise preference.max_length"
-                )
-            if too_long:
-                logger.warning("DPO dropped %d of %d pairs whose prompt fills max_length", too_long, len(pairs))
-            policy = trainer.model
-            if cfg.reference == "base" and "ref" in policy.peft_config:
-                # TRL copied the loaded adapter as the reference; Eq. 7's L_ref is the base model.
-                policy.delete_adapter("ref")
-                policy.set_adapter("default")
+            trainer, too_long = _dpo_trainer(base_model, pairs, cfg, tmp / "trainer", prev_adapter=prev_adapter,
+                                             answer_prefix=answer_prefix, seed=seed, device=device,
+                                             trust_remote_code=trust_remote_code, chat=chat)
             train_output = trainer.train()
             zero_stage = trainer.deepspeed.zero_optimization_stage() if trainer.is_deepspeed_enabled else None
             _save_adapter(trainer, cfg, tmp / "adapter")

@@ -9,25 +9,22 @@ one CPU core. Nothing is downloaded: the tokenizer comes from the installed Mini
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
+
+from kka_ray.testing import built_once
 
 logger = logging.getLogger(__name__)
 
 
-def make_tiny_pixel_pipeline(out_dir: str | os.PathLike, image_size: int = 16, channels: int = 1, seed: int = 0) -> Path:
+@built_once("model_index.json")
+def make_tiny_pixel_pipeline(out: Path, image_size: int = 16, channels: int = 1, seed: int = 0) -> None:
     """Save a tiny random pixel drawer to ``out_dir`` (no-op if one is already there) and return the path."""
-    import torch
     from transformers import BertConfig, BertModel
 
     from kka_ray.generation.build_drawer import build_pixel_pipeline
     from kka_ray.generation.minilm import load_minilm_tokenizer
 
-    out = Path(out_dir)
-    if (out / "model_index.json").is_file():
-        return out
     tokenizer = load_minilm_tokenizer()
-    torch.manual_seed(seed)
     text_encoder = BertModel(
         BertConfig(
             vocab_size=len(tokenizer),
@@ -51,4 +48,3 @@ def make_tiny_pixel_pipeline(out_dir: str | os.PathLike, image_size: int = 16, c
     )
     pipe.save_pretrained(out, safe_serialization=True)
     logger.info("tiny pixel drawer saved to %s", out)
-    return out

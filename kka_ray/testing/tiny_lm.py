@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from kka_ray.generation.smollm2 import smollm2_gguf_path
+from kka_ray.testing import built_once
 
 logger = logging.getLogger(__name__)
 
@@ -28,16 +29,12 @@ def load_smollm2_tokenizer():
     return tok
 
 
-def make_tiny_causal_lm(out_dir: str | Path, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> Path:
+@built_once("config.json")
+def make_tiny_causal_lm(out: Path, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> None:
     """Save a random-weight Llama-architecture LM with SmolLM2's tokenizer to ``out_dir``."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    out = Path(out_dir)
-    if (out / "config.json").is_file():
-        return out
     tok = load_smollm2_tokenizer()
-    torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=hidden_size,
@@ -56,4 +53,3 @@ def make_tiny_causal_lm(out_dir: str | Path, hidden_size: int = 32, num_layers: 
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     logger.info("tiny causal LM saved to %s", out)
-    return out

@@ -35,40 +35,58 @@ def _clip_tokenizer(max_length: int):
         return tok
 
 
-def make_tiny_stable_diffusion(out_dir: str | os.PathLike, turbo: bool = False, sample_size: int = 16, seed: int = 0) -> Path:
-    """Save a tiny random Stable Diffusion pipeline to ``out_dir`` (no-op if one is there); images
-    are ``2 * sample_size`` pixels square, RGB."""
+def _pndm_scheduler():
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                         steps_offset=1)
+
+
+def _build_and_save(out_dir: str | os.PathLike, seed: int, build, dtype: str | None = None) -> Path:
+    """Save the pipeline of the components ``build()`` returns (weights drawn after seeding torch
+    with ``seed``) to ``out_dir``; a no-op when a pipeline is already there."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import StableDiffusionPipeline
 
     out = Path(out_dir)
     if (out / "model_index.json").is_file():
         return out
     torch.manual_seed(seed)
-    tokenizer = _clip_tokenizer(max_length=32)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=len(tokenizer.get_vocab()), hidden_size=32,
-        intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=32,
-        projection_dim=32, layer_norm_eps=1e-5))
-    unet = UNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        norm_num_groups=32, sample_size=2 * sample_size)
-    if turbo:  # SD-Turbo's scheduler config
-        scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                           timestep_spacing="trailing", prediction_type="epsilon", steps_offset=1)
-    else:  # SD-1.5's
-        scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-                                  steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(**build(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if dtype is not None:
+        pipe.to(getattr(torch, dtype))
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def make_tiny_stable_diffusion(out_dir: str | os.PathLike, turbo: bool = False, sample_size: int = 16, seed: int = 0) -> Path:
+    """Save a tiny random Stable Diffusion pipeline to ``out_dir`` (no-op if one is there); images
+    are ``2 * sample_size`` pixels square, RGB."""
+    def build():
+        from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        tokenizer = _clip_tokenizer(max_length=32)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=len(tokenizer.get_vocab()), hidden_size=32,
+            intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=32,
+            projection_dim=32, layer_norm_eps=1e-5))
+        unet = UNet2DConditionModel(
+            sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=32, sample_size=2 * sample_size)
+        if turbo:  # SD-Turbo's scheduler config
+            scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                               timestep_spacing="trailing", prediction_type="epsilon", steps_offset=1)
+        else:  # SD-1.5's
+            scheduler = _pndm_scheduler()
+        return dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+
+    return _build_and_save(out_dir, seed, build)
 
 
 def make_sd15_random(out_dir: str | os.PathLike, dtype: str = "float16", seed: int = 0) -> Path:
@@ -77,27 +95,19 @@ def make_sd15_random(out_dir: str | os.PathLike, dtype: str = "float16", seed: i
     cross-attention width 768), the 12-layer CLIP text encoder, the VAE at 512 px. It draws
     noise, but at SD-1.5's cost, which is what the GPU throughput check measures. About 2 GB in
     float16; build it on the machine that measures."""
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    def build():
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
 
-    out = Path(out_dir)
-    if (out / "model_index.json").is_file():
-        return out
-    torch.manual_seed(seed)
-    tokenizer = _clip_tokenizer(max_length=77)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=len(tokenizer.get_vocab()), hidden_size=768,
-        intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, max_position_embeddings=77,
-        projection_dim=768, hidden_act="quick_gelu"))
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD-1.5's UNet
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-                              steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.to(getattr(torch, dtype))
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out
+        tokenizer = _clip_tokenizer(max_length=77)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=len(tokenizer.get_vocab()), hidden_size=768,
+            intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, max_position_embeddings=77,
+            projection_dim=768, hidden_act="quick_gelu"))
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD-1.5's UNet
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
+        return dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_pndm_scheduler())
+
+    return _build_and_save(out_dir, seed, build, dtype)

@@ -38,6 +38,20 @@ DEFAULT_CNN_CHANNELS = (32, 64, 128)
 KERNEL = 5  # 5x5 convolutions with padding 2 keep the spatial size, as in LeNet
 
 
+def _hidden_layers(dims: Sequence[int]) -> nn.ModuleList:
+    """``[Linear(bias=False) -> BN(affine=False)]`` between consecutive ``dims``."""
+    return nn.ModuleList(
+        nn.ModuleDict({"linear": nn.Linear(a, b, bias=False), "bn": nn.BatchNorm1d(b, eps=BN_EPS, affine=False)})
+        for a, b in zip(dims[:-1], dims[1:])
+    )
+
+
+def _through(hidden: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    for layer in hidden:
+        x = F.leaky_relu(layer["bn"](layer["linear"](x)))
+    return x
+
+
 class MLPNet(nn.Module):
     """Bias-free MLP: ``[Linear -> BN(affine=False) -> leaky ReLU] * len(hidden) -> Linear``."""
 
@@ -47,17 +61,11 @@ class MLPNet(nn.Module):
             raise ValueError(f"MLPNet sizes must be >= 1, got in_dim={in_dim}, hidden={list(hidden_dims)}, rep_dim={rep_dim}")
         self.in_dim, self.hidden_dims, self.rep_dim = int(in_dim), [int(h) for h in hidden_dims], int(rep_dim)
         dims = [self.in_dim, *self.hidden_dims]
-        self.hidden = nn.ModuleList(
-            nn.ModuleDict({"linear": nn.Linear(a, b, bias=False), "bn": nn.BatchNorm1d(b, eps=BN_EPS, affine=False)})
-            for a, b in zip(dims[:-1], dims[1:])
-        )
+        self.hidden = _hidden_layers(dims)
         self.code = nn.Linear(dims[-1], self.rep_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(1)
-        for layer in self.hidden:
-            x = F.leaky_relu(layer["bn"](layer["linear"](x)))
-        return self.code(x)
+        return self.code(_through(self.hidden, x.flatten(1)))
 
 
 class MLPDecoder(nn.Module):
@@ -66,16 +74,11 @@ class MLPDecoder(nn.Module):
     def __init__(self, in_dim: int, hidden_dims: Sequence[int], rep_dim: int) -> None:
         super().__init__()
         dims = [int(rep_dim), *[int(h) for h in reversed(list(hidden_dims))]]
-        self.hidden = nn.ModuleList(
-            nn.ModuleDict({"linear": nn.Linear(a, b, bias=False), "bn": nn.BatchNorm1d(b, eps=BN_EPS, affine=False)})
-            for a, b in zip(dims[:-1], dims[1:])
-        )
+        self.hidden = _hidden_layers(dims)
         self.out = nn.Linear(dims[-1], int(in_dim), bias=False)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        for layer in self.hidden:
-            z = F.leaky_relu(layer["bn"](layer["linear"](z)))
-        return self.out(z)
+        return self.out(_through(self.hidden, z))
 
 
 class MLPAutoencoder(nn.Module):
@@ -174,21 +177,20 @@ def _image_shape(in_shape: Sequence[int]) -> tuple[int, int]:
     return shape[0], shape[1]
 
 
-def build_network(cfg: "DeepSADSection", in_shape: Sequence[int]) -> nn.Module:
-    """phi for ``cfg.network`` ('mlp' flattens any input shape; 'cnn' needs (C, H, W))."""
+def _build(cfg: "DeepSADSection", in_shape: Sequence[int], mlp: type, cnn: type) -> nn.Module:
     if cfg.network == "mlp":
-        return MLPNet(math.prod(int(s) for s in in_shape), cfg.hidden_dims, cfg.rep_dim)
+        return mlp(math.prod(int(s) for s in in_shape), cfg.hidden_dims, cfg.rep_dim)
     if cfg.network == "cnn":
         c, size = _image_shape(in_shape)
-        return CNNNet(c, size, cfg.rep_dim)
+        return cnn(c, size, cfg.rep_dim)
     raise ValueError(f"unknown Deep SAD network {cfg.network!r}; use 'mlp' or 'cnn'")
+
+
+def build_network(cfg: "DeepSADSection", in_shape: Sequence[int]) -> nn.Module:
+    """phi for ``cfg.network`` ('mlp' flattens any input shape; 'cnn' needs (C, H, W))."""
+    return _build(cfg, in_shape, MLPNet, CNNNet)
 
 
 def build_autoencoder(cfg: "DeepSADSection", in_shape: Sequence[int]) -> nn.Module:
     """The autoencoder for pre-training; ``.encoder`` has phi's architecture and state-dict keys."""
-    if cfg.network == "mlp":
-        return MLPAutoencoder(math.prod(int(s) for s in in_shape), cfg.hidden_dims, cfg.rep_dim)
-    if cfg.network == "cnn":
-        c, size = _image_shape(in_shape)
-        return CNNAutoencoder(c, size, cfg.rep_dim)
-    raise ValueError(f"unknown Deep SAD network {cfg.network!r}; use 'mlp' or 'cnn'")
+    return _build(cfg, in_shape, MLPAutoencoder, CNNAutoencoder)

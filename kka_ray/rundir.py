@@ -140,11 +140,12 @@ class RunState:
 
     def mark(self, stage: str, **fields: Any) -> None:
         """Record ``stage`` as complete (and ``fields``), then write the state."""
+        unknown = [name for name in fields if not hasattr(self, name) or name == "path"]
+        if unknown:
+            raise AttributeError(f"RunState has no field {unknown[0]!r}")
         if stage not in self.completed:
             self.completed.append(stage)
         for name, value in fields.items():
-            if not hasattr(self, name) or name == "path":
-                raise AttributeError(f"RunState has no field {name!r}")
             setattr(self, name, value)
         write_json_atomic(self.to_dict(), self.path)
 

@@ -32,6 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from kka_ray.config import ConfigError, KKAConfig
+from kka_ray.rundir import STATE_FILE, RunLayout, is_run_dir
 
 if TYPE_CHECKING:
     from kka_ray.loop import KKARun
@@ -141,14 +142,14 @@ class RunLocation:
             return 0
         import pyarrow.fs as pafs
 
-        if not (self.local / "config.yaml").is_file():  # uploading would delete the stored run
+        if not is_run_dir(self.local):  # uploading would delete the stored run
             raise FileNotFoundError(f"the staging copy {self.local} of {self.remote} has lost its config.yaml "
                                     "(deleted under the run?): nothing uploaded; resume from the stored run")
         fs, root = self._remote_fs()
         local_fs = pafs.LocalFileSystem()
         now = _snapshot(self.local)
         changed = sorted((rel for rel, sig in now.items() if self._uploaded.get(rel) != sig),
-                         key=lambda rel: rel == "state.json")
+                         key=lambda rel: rel == STATE_FILE)
         made: set[str] = set()
         for rel in changed:
             dest = f"{root.rstrip('/')}/{rel}"
@@ -169,11 +170,11 @@ class RunLocation:
     def exists(self) -> bool:
         """True when a run (its state.json) is already kept at this location."""
         if self.remote is None:
-            return (self.local / "state.json").is_file()
+            return RunLayout(self.local).state.is_file()
         import pyarrow.fs as pafs
 
         fs, root = self._remote_fs()
-        return fs.get_file_info(f"{root.rstrip('/')}/state.json").type != pafs.FileType.NotFound
+        return fs.get_file_info(f"{root.rstrip('/')}/{STATE_FILE}").type != pafs.FileType.NotFound
 
     def cleanup(self) -> None:
         """Remove the staging copy of a remote run (its files are all uploaded)."""

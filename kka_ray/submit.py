@@ -17,10 +17,11 @@ is sent: only ``job.env_vars`` and the names in ``job.forward_env``, and names t
 credentials are refused (:func:`check_env_names`) because runtime envs are readable by anyone
 who can read the dashboard.
 
-Job side: the scripts in ``jobs/`` run the drivers of kka_ray/drivers.py. Every job joins the cluster it runs on (Ray sets ``RAY_ADDRESS`` for a job's
-driver, and kka_ray.cluster.init_ray joins it) and writes its run directory to
-``run.storage_path`` (kka_ray/storage.py). A failure exits non-zero with one ``kka: error:``
-line on stderr, so the job ends FAILED with the reason in its logs.
+Job side: the scripts in ``jobs/`` run the drivers of kka_ray/drivers.py. Every job joins the
+cluster it runs on (Ray sets ``RAY_ADDRESS`` for a job's driver, and kka_ray.cluster.init_ray joins
+it) and writes its run directory to ``run.storage_path`` (kka_ray/storage.py). A failure exits
+non-zero with one ``kka: error:`` line on stderr, so the job ends FAILED with the reason in its
+logs.
 """
 
 from __future__ import annotations

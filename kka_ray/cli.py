@@ -19,7 +19,7 @@ import logging
 import sys
 
 from kka_ray.config import USER_ERRORS, ConfigError, load_config
-from kka_ray.drivers import setup_logging
+from kka_ray.logs import setup_logging
 
 logger = logging.getLogger("kka_ray")
 

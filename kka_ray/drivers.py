@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
 from kka_ray.config import USER_ERRORS, ConfigError, KKAConfig, load_config
+from kka_ray.logs import setup_logging
 from kka_ray.storage import DEFAULT_JOB_STORAGE, RunLocation, filesystem, is_uri, run_target, staging_dir
 from kka_ray.rundir import RunLayout, is_run_dir, require_run_dir
 
@@ -33,11 +34,6 @@ logger = logging.getLogger(__name__)
 
 # ``kka submit`` sends the config file's text to the job in this environment variable.
 CONFIG_ENV = "KKA_CONFIG_YAML"
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kka_ray").setLevel(getattr(logging, level))
 
 
 def new_run_location(cfg: KKAConfig, output: str | None = None) -> RunLocation:

@@ -81,10 +81,11 @@ class KKARun:
     @classmethod
     def create(cls, cfg: KKAConfig, output: str | None = None) -> "KKARun":
         run_dir = new_run_dir(cfg, output)
-        if RunLayout(run_dir).state.is_file():
+        layout = RunLayout(run_dir)
+        if layout.state.is_file():
             raise FileExistsError(f"{run_dir} already holds a run: use `kka run --resume {run_dir}` or another --output")
         run_dir.mkdir(parents=True, exist_ok=True)
-        RunLayout(run_dir).config.write_text(cfg.to_yaml())
+        layout.config.write_text(cfg.to_yaml())
         return cls(cfg, run_dir)
 
     @classmethod

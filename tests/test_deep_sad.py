@@ -310,6 +310,34 @@ def test_two_ray_train_workers_fit_as_one(ray_two_cpus, data, tmp_path):
     assert losses[2][-1] < losses[2][0] and losses[1][-1] < losses[1][0]
 
 
+def test_one_cpu_worker_fits_in_process_as_on_a_worker_actor(ray_two_cpus, data, tmp_path):
+    """Ray Train's local mode (``in_process``, the default for one CPU worker) against a worker
+    actor, same seed: no Ray Train worker process starts, the checkpoint is kept where Ray Train
+    keeps it, torch's thread count is the caller's again, and the fit is the same fit (the centre
+    to float precision, test AUROC within 0.01)."""
+    import torch
+
+    from kka_ray.detectors.deep_sad import DeepSAD
+
+    threads, before = torch.get_num_threads(), _train_worker_pids()
+    fits = {}
+    for in_process in (True, False):
+        cfg = EvaluatorSection(hidden_dims=[32], rep_dim=8, epochs=6, batch_size=32, lr=3e-3,
+                               pretrain_autoencoder=False, in_process=in_process,
+                               resources_per_worker={"CPU": 2 if threads == 1 else 1})
+        fits[in_process] = DeepSAD(cfg, storage_path=str(tmp_path / "train"), seed=0).fit(
+            data["normal"], data["anomalies"], name=f"sad_{in_process}")
+        if in_process:
+            assert _train_worker_pids() == before, "the in-process fit started a Ray Train worker"
+            assert torch.get_num_threads() == threads
+    local = fits[True].checkpoint_path_
+    assert local.startswith(str(tmp_path / "train" / "sad_True")) and os.path.isfile(os.path.join(local, "model.safetensors"))
+    np.testing.assert_allclose(fits[True].center_, fits[False].center_, rtol=1e-4, atol=1e-5)
+    aurocs = [_auroc(f.decision_function(data["test_normal"]), f.decision_function(data["test_anomalies"]))
+              for f in fits.values()]
+    assert abs(aurocs[0] - aurocs[1]) < 0.01, aurocs
+
+
 def _train_worker_pids() -> set[int]:
     from conftest import own_ray_pids
 
@@ -328,7 +356,8 @@ def test_a_killed_ray_train_worker_is_replaced_and_the_fit_completes(ray_two_cpu
     from kka_ray.detectors.deep_sad import DeepSAD
 
     before = _train_worker_pids()
-    cfg = EvaluatorSection(hidden_dims=[32], rep_dim=8, epochs=300, batch_size=16, lr=1e-3, pretrain_autoencoder=False)
+    cfg = EvaluatorSection(hidden_dims=[32], rep_dim=8, epochs=300, batch_size=16, lr=1e-3, pretrain_autoencoder=False,
+                           in_process=False)
     thread, result = start_background(lambda: DeepSAD(cfg, storage_path=str(tmp_path / "rt"), seed=0).fit(
         data["normal"], data["anomalies"], name="killed"))
     deadline, victim = time.monotonic() + 300, None

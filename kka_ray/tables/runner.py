@@ -35,6 +35,8 @@ DEFAULT_SEEDS = 3
 
 EVAL_OVERRIDABLE = ("detector.", "run.device=", "ray.")
 PLACEMENT_FIELDS = ("use_gpu", "resources_per_worker")
+# How a fit runs, left out of the hash altogether (added after results were cached under it).
+HOW_NOT_WHAT = ("in_process",)
 
 
 def settings_hash(section, name: str) -> str:
@@ -51,6 +53,7 @@ def settings_hash(section, name: str) -> str:
     # settings on CPU. These fields are hashed as their defaults so both share one cache key.
     defaults = DeepSADSection().model_dump(mode="json")  # every trained section has the same defaults
     own = {**own, **{k: defaults[k] for k in PLACEMENT_FIELDS if k in own}}
+    own = {k: v for k, v in own.items() if k not in HOW_NOT_WHAT}
     return hashlib.sha1(json.dumps([common, own], sort_keys=True).encode()).hexdigest()[:8]
 
 

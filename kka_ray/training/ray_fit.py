@@ -77,8 +77,8 @@ def worker_setup(config: dict[str, Any]) -> Worker:
         torch.set_num_threads(int(config["torch_threads"]))
     torch.manual_seed(seed)
     ctx = ray.train.get_context()
-    return Worker(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
-                  ray.train.get_dataset_shard("train"), seed)
+    device = torch.device("cpu") if config.get("in_process") else ray.train.torch.get_device()
+    return Worker(ctx.get_world_rank(), ctx.get_world_size(), device, ray.train.get_dataset_shard("train"), seed)
 
 
 def shuffled_batches(w: Worker, batch_size: int, dtypes: dict, pass_index: int | None):
@@ -161,6 +161,7 @@ class Placement(Protocol):
     num_workers: int
     use_gpu: bool
     resources_per_worker: dict[str, float]
+    in_process: bool
 
 
 def fit_section(train_loop: Callable[[dict[str, Any]], Any], loop_config: dict[str, Any],
@@ -171,7 +172,8 @@ def fit_section(train_loop: Callable[[dict[str, Any]], Any], loop_config: dict[s
     threads = max(1, int(section.resources_per_worker.get("CPU", 1)))
     return fit_torch(train_loop, {**loop_config, "torch_threads": threads}, datasets,
                      num_workers=section.num_workers, use_gpu=section.use_gpu,
-                     resources_per_worker=section.resources_per_worker, storage_path=storage_path, name=name)
+                     resources_per_worker=section.resources_per_worker, storage_path=storage_path, name=name,
+                     in_process=getattr(section, "in_process", False))
 
 
 def fit_torch(
@@ -185,6 +187,7 @@ def fit_torch(
     storage_path: str,
     name: str,
     max_failures: int = TRAIN_MAX_FAILURES,
+    in_process: bool = False,
 ) -> "ray.train.Result":
     """Run ``train_loop`` on ``num_workers`` Ray Train workers; return the result with its checkpoint.
 
@@ -192,6 +195,11 @@ def fit_torch(
     whole. A run directory ``storage_path/name`` that already exists is refused: Ray Train v2
     would resume it instead of training anew. A worker that dies is replaced and the fit restarts
     (``max_failures`` times; the loops checkpoint only at their end, so a restart trains anew).
+
+    ``in_process`` with one CPU worker on a local storage path: Ray Train's local mode
+    (``num_workers=0``), the loop runs in this process with the same ``ray.train`` calls and no
+    actor to start; its checkpoint is written to ``storage_path/name/<checkpoint_dir_name>`` as
+    Ray Train would, and torch's thread count is restored afterwards. No worker restart.
     """
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -208,19 +216,43 @@ def fit_torch(
                 f"run directory {os.path.join(storage_path, name)!r} exists; Ray Train would resume it. "
                 "Use a new name or delete the directory"
             )
+    local = in_process and num_workers == 1 and not use_gpu and "://" not in storage_path
+    scaling = (ScalingConfig(num_workers=0) if local else
+               ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=dict(resources_per_worker)))
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=dict(resources_per_worker)),
+        train_loop_config={**loop_config, "in_process": local},
+        scaling_config=scaling,
         run_config=RunConfig(storage_path=storage_path, name=name, failure_config=FailureConfig(max_failures=max_failures)),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
+    if local:
+        result = _fit_in_process(trainer, os.path.join(storage_path, name))
+    else:
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name!r} finished without a checkpoint (see the logs under {storage_path})")
     return result
+
+
+# Where report_final writes the checkpoint of the fit running in this process (local mode), else None.
+_in_process_run_dir: str | None = None
+
+
+def _fit_in_process(trainer: Any, run_dir: str) -> "ray.train.Result":
+    """``trainer.fit()`` in Ray Train's local mode, its checkpoint kept under ``run_dir``."""
+    import torch
+
+    global _in_process_run_dir
+    threads = torch.get_num_threads()
+    os.makedirs(run_dir)
+    _in_process_run_dir = run_dir
+    try:
+        return trainer.fit()
+    finally:
+        _in_process_run_dir = None
+        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------
@@ -296,6 +328,12 @@ def report_final(metrics: dict[str, Any], rank: int, write_files: Callable[[str]
     """Rank 0 writes the checkpoint files with ``write_files(directory)``; every worker reports once."""
     import ray.train
 
+    if _in_process_run_dir is not None:  # local mode: nothing copies a temporary directory into place
+        final = os.path.join(_in_process_run_dir, checkpoint_dir_name)
+        os.makedirs(final, exist_ok=True)
+        write_files(final)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(final), checkpoint_dir_name=checkpoint_dir_name)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
@@ -311,7 +349,7 @@ def read_val(name: str = "val", dtypes: dict[str, "torch.dtype"] | None = None) 
 
     try:
         shard = ray.train.get_dataset_shard(name)
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, AssertionError):  # local mode asserts the name is there
         return None
     if shard is None:
         return None

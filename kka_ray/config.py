@@ -420,6 +420,11 @@ class CMDASection(_Section):
     mix_low: float = Field(0.3, ge=0, le=1)
     mix_high: float = Field(0.7, ge=0, le=1)
     ridge_alpha: float = Field(1.0, gt=0)
+    # Deep SAD's eta for the pseudo-anomalies (None: SAD's own, detector.eta). Deep SAD's published
+    # default is 1; at SAD's 1000 (chosen for the few generated anomalies of the loop) the 512
+    # interpolations, half normal by construction, outweigh the normals: mean AUROC 73.0 over the
+    # ten Fashion-MNIST classes (bag 39.2), against 86.7 and 86.5 on bag and T-shirt at 1.
+    eta: float | None = Field(1.0, gt=0)
 
     @model_validator(mode="after")
     def _mix_range(self) -> "CMDASection":

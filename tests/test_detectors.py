@@ -99,7 +99,11 @@ def test_registry_builds_each_detector_from_its_section():
     assert type(build_detector("ssd", section, ctx)).__name__ == "SSD"
     assert type(build_detector("sad", section, ctx)).__name__ == "DeepSAD"
     cmda = build_detector("cmda", section, ctx, normal_texts=["a"], class_names=["shirt"])
-    assert cmda.cfg == section.cmda and cmda.sad_cfg is section
+    # CMDA's Deep SAD is SAD's settings with its own eta (1, not SAD's 1000); None keeps SAD's
+    assert cmda.cfg == section.cmda and cmda.sad_cfg.eta == section.cmda.eta == 1.0 != section.eta
+    assert cmda.sad_cfg.model_dump(exclude={"eta"}) == section.model_dump(exclude={"eta"})
+    own = section.model_copy(update={"cmda": section.cmda.model_copy(update={"eta": None})})
+    assert build_detector("cmda", own, ctx, normal_texts=["a"], class_names=["shirt"]).sad_cfg.eta == section.eta
     assert input_kind("simplenet") == "images" and input_kind("ssd") == "features"
     with pytest.raises(ValueError, match="unknown detector 'svm'"):
         input_kind("svm")

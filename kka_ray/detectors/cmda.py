@@ -9,7 +9,7 @@ with normal image features:
     x_tilde = (1 - lambda) * z_i + lambda * W t_j,     lambda ~ U(mix_low, mix_high)
 
 The ``n_samples`` mixtures are the anomalies (-1) of a Deep SAD detector (the SAD settings of
-``detector``) trained with the normals. With a jointly trained text-image encoder (CLIP) the
+``detector``, with ``detector.cmda.eta`` as its eta) trained with the normals. With a jointly trained text-image encoder (CLIP) the
 map would be the identity; the local models have no shared space, so the ridge map stands in
 for it.
 """
@@ -55,7 +55,8 @@ class CMDA(Detector):
                  context: DetectorContext | None = None, normal_texts: list[str] | None = None,
                  class_names: list[str] | None = None) -> None:
         self.cfg = cfg if cfg is not None else CMDASection()
-        self.sad_cfg = sad if sad is not None else DeepSADSection()
+        sad = sad if sad is not None else DeepSADSection()
+        self.sad_cfg = sad if self.cfg.eta is None else sad.model_copy(update={"eta": self.cfg.eta})
         self.context = context or DetectorContext()
         self.normal_texts = list(normal_texts or [])
         self.class_names = list(class_names or [])

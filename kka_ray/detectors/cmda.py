@@ -9,9 +9,9 @@ with normal image features:
     x_tilde = (1 - lambda) * z_i + lambda * W t_j,     lambda ~ U(mix_low, mix_high)
 
 The ``n_samples`` mixtures are the anomalies (-1) of a Deep SAD detector (the SAD settings of
-``detector``, with ``detector.cmda.eta`` as its eta) trained with the normals. With a jointly trained text-image encoder (CLIP) the
-map would be the identity; the local models have no shared space, so the ridge map stands in
-for it.
+``detector``, with ``detector.cmda.eta`` as its eta) trained with the normals. With a jointly
+trained text-image encoder (CLIP) the map would be the identity; the local models have no shared
+space, so the ridge map stands in for it.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ def worker_setup(config: dict[str, Any]) -> Worker:
         torch.set_num_threads(int(config["torch_threads"]))
     torch.manual_seed(seed)
     ctx = ray.train.get_context()
-    device = torch.device("cpu") if config.get("in_process") else ray.train.torch.get_device()
+    device = torch.device("cpu") if _in_process_run_dir is not None else ray.train.torch.get_device()
     return Worker(ctx.get_world_rank(), ctx.get_world_size(), device, ray.train.get_dataset_shard("train"), seed)
 
 
@@ -221,7 +221,7 @@ def fit_torch(
                ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=dict(resources_per_worker)))
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={**loop_config, "in_process": local},
+        train_loop_config=loop_config,
         scaling_config=scaling,
         run_config=RunConfig(storage_path=storage_path, name=name, failure_config=FailureConfig(max_failures=max_failures)),
         datasets=datasets,
@@ -236,7 +236,8 @@ def fit_torch(
     return result
 
 
-# Where report_final writes the checkpoint of the fit running in this process (local mode), else None.
+# The run directory of the fit running in this process (local mode), else None: report_final writes
+# its checkpoint there and worker_setup trains on the CPU.
 _in_process_run_dir: str | None = None
 
 

@@ -471,9 +471,10 @@ class PreferenceSection(_Section):
     batch_size: int = Field(4, ge=1)
     max_length: int = Field(128, ge=16)
     gradient_checkpointing: bool = False
-    # When the Eq. 6 threshold leaves no hard (or no easy) anomaly in an iteration, pair the
-    # closest third against the farthest third instead, so DPO still moves the describer
-    # toward harder texts (recorded as "relative_pairs" in metrics). Off = the paper's rule only.
+    # When the Eq. 6 threshold gives fewer than min_pairs pairs in an iteration (no hard or no easy
+    # anomaly, or a far class where only one or two pass as normal), pair the closest third against
+    # the farthest third instead, so DPO still moves the describer toward harder texts (recorded as
+    # "relative_pairs" in metrics). Off = the paper's rule only.
     relative_fallback: bool = True
     # "base": L_ref is the base LLM with the adapter off (method.md Eq. 7). "previous_adapter":
     # L_ref is the adapter this iteration starts from (TRL's default for a loaded adapter).

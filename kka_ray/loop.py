@@ -486,19 +486,23 @@ class KKARun:
         return result
 
     def _dpo_pairs(self, k: int) -> tuple[list, bool, dict[str, Any] | None]:
-        """(pairs, relative, None), or the stage result when DPO is skipped: no pairs (the
-        relative fallback tried where configured), or fewer than ``preference.min_pairs``."""
+        """(pairs, relative, None), or the stage result when DPO is skipped: no pairs, or fewer than
+        ``preference.min_pairs`` (the relative fallback tried first where configured)."""
         from kka_ray.preference.pairs import build_pairs
 
         cfg = self.cfg
         records, kept = self._preference_records(k)
         pairs = build_pairs(records, cfg.preference.max_pairs, cfg.run.seed + k, answer_prefix=cfg.describer.answer_prefix)
         relative = False
-        if not pairs and cfg.preference.relative_fallback and kept is not None and len(kept) >= 2:
-            pairs = build_pairs(relative_hardness(kept), cfg.preference.max_pairs, cfg.run.seed + k,
-                                answer_prefix=cfg.describer.answer_prefix)
-            relative = bool(pairs)
-            logger.warning("iteration %d: the threshold split gave no hard/easy pairs; using %d relative pairs", k, len(pairs))
+        # Too few threshold pairs (none, or a far class where one or two anomalies pass as normal): rank
+        # instead, so the describer still moves toward its closer texts rather than not at all.
+        if len(pairs) < cfg.preference.min_pairs and cfg.preference.relative_fallback and kept is not None and len(kept) >= 2:
+            ranked = build_pairs(relative_hardness(kept), cfg.preference.max_pairs, cfg.run.seed + k,
+                                 answer_prefix=cfg.describer.answer_prefix)
+            if len(ranked) > len(pairs):
+                logger.warning("iteration %d: the threshold split gave %d hard/easy pairs; using %d relative pairs",
+                               k, len(pairs), len(ranked))
+                pairs, relative = ranked, True
         if not pairs:
             logger.warning("iteration %d: no hard/easy pairs (hard %d of %d): DPO skipped, the adapter stays",
                            k, sum(bool(r["is_hard"]) for r in records), len(records))

@@ -52,3 +52,30 @@ def test_too_few_pairs_skip_dpo_and_an_update_that_collapses_the_describer_is_ro
     healthy = run.preference(2)  # trains on from the adapter still served (none), measured against v0
     assert calls == [None, None] and "rolled_back" not in healthy
     assert run.state.adapter_version == 2 and run.state.adapter_path.endswith("iter_2")
+
+
+def test_too_few_threshold_pairs_fall_back_to_relative_pairs_when_the_kept_set_ranks_more(tmp_path, monkeypatch):
+    """A far class: two anomalies pass as normal, so the threshold gives two pairs (fewer than
+    preference.min_pairs). With the relative fallback the closest third of the kept rows meets the
+    farthest third and DPO runs on those; with the fallback off the update is skipped. The DPO job
+    and the shift measurement are stood in for (they run for real in test_preference.py)."""
+    import kka_ray.preference.dpo as dpo
+
+    kept = [{"id": i, "prompt_id": i % 4, "prompt": f"prompt {i % 4}", "text": f"a photo of thing number {i}.",
+             "distance": float(i), "is_hard": i < 2, "guard_reason": None} for i in range(24)]
+    records = [r for r in kept if r["is_hard"]] + [r for r in kept if r["distance"] > 20]
+    seen = []
+    monkeypatch.setattr(dpo, "run_dpo_ray_train", lambda base, pairs, *a, **kw: seen.append(pairs) or {"train_loss": 0.3})
+    for fallback in (False, True):
+        cfg = load_config(overrides=["run.iterations=3", "preference.shift_prompts=0", "preference.num_workers=2",
+                                     f"preference.relative_fallback={str(fallback).lower()}"])
+        run = KKARun.create(cfg, str(tmp_path / f"run{fallback}"))
+        monkeypatch.setattr(run, "_preference_records", lambda k: (records, kept))
+        result = run.preference(1)
+        if not fallback:
+            assert result == {"n_pairs": 2, "skipped": True, "reason": "fewer pairs than preference.min_pairs"}
+            assert not seen
+            continue
+        assert result["relative_pairs"] is True and result["n_pairs"] == 8 and not result.get("skipped")
+        # chosen: the closest third (distance < 8), rejected: the farthest third (distance >= 16)
+        assert len(seen) == 1 and all(p.chosen_distance < 8 <= 16 <= p.rejected_distance for p in seen[0])

@@ -298,16 +298,25 @@ def kka_ablation(runs: list[tuple[Path, str]]) -> dict:
     if not rows:
         return {"rows": []}
     n_iter = max(len(r["hard_fraction"]) for r in rows)
-    mean = {key: [_mean([r[key][i] for r in rows if i < len(r[key])]) for i in range(n_iter + (key == "auroc"))]
-            for key in ("auroc", "hard_fraction", "hard_fraction_ref", "normal_leak", "dpo_last_loss")}
-    full = [r for r in rows if len(r["auroc"]) == n_iter + 1 and None not in r["auroc"]]
-    goals = {
-        "n_runs": len(rows), "n_full": len(full),
-        "kka_last_above_none": sum(r["auroc"][-1] > r["auroc"][0] for r in full),
-        "kka_last_above_kka1": sum(r["auroc"][-1] > r["auroc"][1] for r in full),
-        "hard_share_ref_rises": sum((r["hard_fraction_ref"][-1] or 0) > (r["hard_fraction_ref"][0] or 0) for r in full),
-        "hard_fraction_within_0.1_0.9": sum(all(h is not None and 0.1 <= h <= 0.9 for h in r["hard_fraction"]) for r in full),
-    }
+    mean, goals = {}, {}
+    for mode in dict.fromkeys(r["mode"] for r in rows):  # one mean row and one set of counts per mode
+        of_mode = [r for r in rows if r["mode"] == mode]
+        mean[mode] = {key: [_mean([r[key][i] for r in of_mode if i < len(r[key])]) for i in range(n_iter + (key == "auroc"))]
+                      for key in ("auroc", "hard_fraction", "hard_fraction_ref", "normal_leak", "dpo_last_loss")}
+        n_updates = max(len(r["shift_hard_share"]) for r in of_mode)
+        mean[mode]["shift_hard_share"] = [[_mean([r["shift_hard_share"][u][side] for r in of_mode if u < len(r["shift_hard_share"])])
+                                           for side in (0, 1)] for u in range(n_updates)]
+        full = [r for r in of_mode if len(r["auroc"]) == n_iter + 1 and None not in r["auroc"]]
+        shifts = [s for r in of_mode for s in r["shift_hard_share"] if None not in s]
+        goals[mode] = {
+            "n_runs": len(of_mode), "n_full": len(full),
+            "kka_last_above_none": sum(r["auroc"][-1] > r["auroc"][0] for r in full),
+            "kka_last_above_kka1": sum(r["auroc"][-1] > r["auroc"][1] for r in full),
+            "hard_share_rises": sum((r["hard_fraction"][-1] or 0) > (r["hard_fraction"][0] or 0) for r in full),
+            "hard_share_ref_rises": sum((r["hard_fraction_ref"][-1] or 0) > (r["hard_fraction_ref"][0] or 0) for r in full),
+            "hard_fraction_within_0.1_0.9": sum(all(h is not None and 0.1 <= h <= 0.9 for h in r["hard_fraction"]) for r in full),
+            "dpo_updates": len(shifts), "dpo_updates_raising_hard_share": sum(a > b for b, a in shifts),
+        }
     return {"rows": rows, "mean": mean, "goals": goals}
 
 
@@ -318,12 +327,14 @@ def ablation_markdown(ab: dict) -> str:
     auc = lambda v: "-" if v is None else f"{100 * v:.1f}" if v <= 1 else f"{v:.1f}"  # noqa: E731
     n = max(len(r["auroc"]) for r in ab["rows"])
     head = (["run"] + [f"KKA({k})" for k in range(n)] + [f"hard {k}" for k in range(1, n)]
-            + [f"hard ref {k}" for k in range(1, n)] + [f"leak {k}" for k in range(1, n)] + ["DPO last loss"])
+            + [f"hard ref {k}" for k in range(1, n)] + [f"leak {k}" for k in range(1, n)] + ["DPO last loss", "DPO shift"])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for r in [*ab["rows"], {"run": "**mean**", **ab["mean"]}]:
+    means = [{"run": f"**mean {mode}**", **m} for mode, m in ab["mean"].items()]
+    for r in [*ab["rows"], *means]:
         cells = ([r["run"]] + [auc(v) for v in r["auroc"]] + [pct(v) for v in r["hard_fraction"]]
                  + [pct(v) for v in r["hard_fraction_ref"]] + [pct(v) for v in r["normal_leak"]]
-                 + [" / ".join("-" if v is None else f"{v:.2f}" for v in r["dpo_last_loss"])])
+                 + [" / ".join("-" if v is None else f"{v:.2f}" for v in r["dpo_last_loss"])]
+                 + [" / ".join(f"{pct(b)}->{pct(a)}" for b, a in r["shift_hard_share"]) or "-"])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -366,7 +377,9 @@ def write_results(rows: list[dict], runs: list[tuple[Path, str]], args: argparse
               "From each run's own records: KKA(0) is the loop's detector without anomalies (`baselines.json`), "
               "KKA(k) after iteration k (`metrics.jsonl`); hard = share of iteration k's new anomalies on the hard "
               "side of that iteration's evaluator, hard ref = the same under iteration 1's evaluator; leak = "
-              "`normal_leak` of the kept set (the audit's judge).", "",
+              "`normal_leak` of the kept set (the audit's judge); DPO shift = hard share (%) of what the describer "
+              "writes for the held-out shift prompts before -> after each DPO update, both scored by that "
+              "iteration's evaluator (`describer_shift`).", "",
               ablation_markdown(ablation), "", f"Counts over runs with every iteration: {ablation.get('goals', {})}", ""]
     (RESULTS / "fmnist_table.md").write_text("\n".join(lines))
     (RESULTS / "fmnist_table.json").write_text(json.dumps({

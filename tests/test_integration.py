@@ -273,4 +273,8 @@ def test_a_packed_run_unpacks_elsewhere_and_evaluates_as_the_original(finished_r
     assert row["auroc"] == [base[det]["auroc"] if det in base else None, *[m["auroc"] for m in metrics]]
     assert row["hard_fraction"] == [m["hard_fraction"] for m in metrics]
     table = fmnist_table.ablation_markdown(ablation)
-    assert table.count("\n") == 3 and f"KKA({len(metrics)})" in table
+    assert table.count("\n") == 3 and f"KKA({len(metrics)})" in table and "| **mean add** |" in table
+    assert ablation["mean"]["add"]["hard_fraction"] == [pytest.approx(m["hard_fraction"]) for m in metrics]
+    shifts = [m["describer_shift"] for m in metrics if m.get("describer_shift")]
+    assert row["shift_hard_share"] == [[s["before"]["hard_share"], s["after"]["hard_share"]] for s in shifts]
+    assert ablation["goals"]["add"]["dpo_updates"] == len(shifts)

@@ -39,7 +39,7 @@ FITS = RESULTS / "fmnist_fits.jsonl"
 GOALS = {"sad_none_ruff2020": 89.2, "sad_10pct_real_anomalies_ruff2020": 91.3}
 # A CPU budget: one KKA iteration of 64 descriptions and images per class and mode, no DPO
 # after the last iteration (nothing is drawn with that adapter in the run).
-DEFAULT_OVERRIDES = ["run.progress=false", "preference.final_iteration=false", "detector.baselines=[ssd]"]
+DEFAULT_OVERRIDES = ["run.progress=false", "preference.final_iteration=false", "detector.baselines=[ssd,sad]"]
 
 
 def parse_classes(text: str) -> list[int]:
@@ -77,9 +77,27 @@ def run_kka(root: Path, cls: int, mode: str, iterations: int, overrides: list[st
         cfg = load_config(overrides=[*DEFAULT_OVERRIDES, f"data.normal_classes=[{cls}]", f"run.mode={mode}",
                                      f"run.iterations={iterations}", f"run.name=fmnist{cls}{mode}", *overrides])
         KKARun.create(cfg, str(out)).execute()
+    loop_baseline(out)
     if archive is not None and not (archive / f"{out.name}.tar.gz").is_file():
         pack_run(out, archive / f"{out.name}.tar.gz", include_eval=False, drop_features=True)
     return out
+
+
+def loop_baseline(run: Path) -> None:
+    """KKA(0): the loop's own detector without anomalies in ``baselines.json``, fitted by the loop's
+    baselines stage (same inputs, seed and settings as its KKA(k) fits) where the run lacks it."""
+    from kka_ray.config import load_config
+    from kka_ray.loop import KKARun
+    from kka_ray.data.store import write_json_atomic
+
+    path = run / "baselines.json"
+    base = json.loads(path.read_text()) if path.is_file() else {}
+    det = load_config(run / "config.yaml").detector.name
+    if det in base:
+        return
+    cfg = load_config(run / "config.yaml", overrides=[f"detector.baselines=[{det}]"])
+    added = KKARun(cfg, run).baselines()
+    write_json_atomic({**base, **added}, path)
 
 
 # A fit's record in FITS: what the tables need, where the fit ran, and the anomaly set it saw.

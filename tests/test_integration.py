@@ -264,6 +264,16 @@ def test_a_packed_run_unpacks_elsewhere_and_evaluates_as_the_original(finished_r
     table = capsys.readouterr().out
     assert f"| {finished_run.name} | 2 |" in table and f"| {copy.name} | 2 |" in table and "| preference |" in table
 
+    # a run without the loop detector's own no-anomaly baseline gets it from the loop's baselines stage
+    loop_det = load_config(moved / "config.yaml").detector.name
+    recorded = json.loads((moved / "baselines.json").read_text())
+    (moved / "baselines.json").write_text(json.dumps({k: v for k, v in recorded.items() if k != loop_det}))
+    fmnist_table.loop_baseline(moved)
+    backfilled = json.loads((moved / "baselines.json").read_text())
+    assert set(backfilled) == set(recorded) | {loop_det} and 0 <= backfilled[loop_det]["auroc"] <= 1
+    if loop_det in recorded:  # the same inputs, seed and settings as the run's own baselines stage
+        assert backfilled[loop_det]["auroc"] == pytest.approx(recorded[loop_det]["auroc"], abs=0.02)
+
     # the KKA(k) ablation: KKA(0) from the run's baselines, KKA(k) and the split from its metrics
     metrics = [json.loads(line) for line in (moved / "metrics.jsonl").read_text().splitlines() if line.strip()]
     ablation = fmnist_table.kka_ablation([(moved, "add")])

@@ -78,4 +78,4 @@ def test_too_few_threshold_pairs_fall_back_to_relative_pairs_when_the_kept_set_r
             continue
         assert result["relative_pairs"] is True and result["n_pairs"] == 8 and not result.get("skipped")
         # chosen: the closest third (distance < 8), rejected: the farthest third (distance >= 16)
-        assert len(seen) == 1 and all(p.chosen_distance < 8 <= 16 <= p.rejected_distance for p in seen[0])
+        assert len(seen) == 1 and all(p.chosen_distance < 8 and p.rejected_distance >= 16 for p in seen[0])

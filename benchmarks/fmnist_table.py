@@ -86,9 +86,10 @@ def run_kka(root: Path, cls: int, mode: str, iterations: int, overrides: list[st
 def loop_baseline(run: Path) -> None:
     """KKA(0): the loop's own detector without anomalies in ``baselines.json``, fitted by the loop's
     baselines stage (same inputs, seed and settings as its KKA(k) fits) where the run lacks it."""
+    from kka_ray.cluster import init_ray
     from kka_ray.config import load_config
-    from kka_ray.loop import KKARun
     from kka_ray.data.store import write_json_atomic
+    from kka_ray.loop import KKARun
 
     path = run / "baselines.json"
     base = json.loads(path.read_text()) if path.is_file() else {}
@@ -96,7 +97,14 @@ def loop_baseline(run: Path) -> None:
     if det in base:
         return
     cfg = load_config(run / "config.yaml", overrides=[f"detector.baselines=[{det}]"])
-    added = KKARun(cfg, run).baselines()
+    started = init_ray(cfg)  # the fit's Ray Data inputs need Ray; released here if this started it
+    try:
+        added = KKARun(cfg, run).baselines()
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
     write_json_atomic({**base, **added}, path)
 
 

@@ -331,6 +331,12 @@ class EvaluatorSection(DeepSADSection):
     threshold: Literal["max", "quantile"] = "quantile"
     quantile: float = Field(0.98, gt=0, lt=1)
     easy_top_m: int | None = Field(None, ge=1)
+    # which evaluator splits iteration k's new anomalies. "current": iteration k's, trained on D_n and
+    # the anomaly set before k (Eq. 5): hard = what it has not learned to separate yet, so anomalies
+    # like earlier ones turn easy as D_a grows. "first": iteration 1's (normals only) in every
+    # iteration: hard = close to the normal data, a fixed yardstick for what DPO moves; iteration
+    # k's evaluator is still trained and its split reported (hard_fraction_current).
+    split_reference: Literal["current", "first"] = "current"
     # share of the anomaly set held out (with the held-out normals) to choose the checkpoint
     validation_fraction: float = Field(0.2, ge=0, lt=1)
 

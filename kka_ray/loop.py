@@ -6,7 +6,8 @@
       generate    Eq. 3/8 + Eq. 4 through Ray Data with the resident describer/drawer pools
       guard       backbone features of the new images; the normal-likeness guard drops (and keeps
                   in the store, with the reason) descriptions and images of the normal class
-      evaluate    Eq. 5 Deep SAD confusion evaluator (Ray Train) on D_n + D_a + new; Eq. 6 split
+      evaluate    Eq. 5 Deep SAD confusion evaluator (Ray Train) on D_n + D_a; Eq. 6 split of the
+                  new anomalies (by it, or by iteration 1's with evaluator.split_reference: first)
       audit       an independent judge labels what was kept, hard, easy and dropped (read by
                   nothing in the loop)
       update      D_a <- add | rep (method.md step 9)
@@ -370,10 +371,12 @@ class KKARun:
             val_anomalies=inputs.anomalies(prev_val, "features"), storage_path=self.layout.ray_train,
             name=f"evaluator_iter_{k}")
         evaluator.save(self.layout.evaluator(k))
+        current_hard = hard_fraction(evaluator.split(evaluator.score(z_new))[0])
+        splitter = evaluator if self._split_iteration(k) == k else self._split_evaluator(k)
         z_prev = inputs.anomalies(prev, "features")
-        d_prev, d_new = evaluator.score(z_prev), evaluator.score(z_new)
-        is_hard, is_easy = evaluator.split(d_new)
-        prev_hard, _ = split_hard_easy(d_prev, evaluator.tau_, None)
+        d_prev, d_new = splitter.score(z_prev), splitter.score(z_new)
+        is_hard, is_easy = splitter.split(d_new)
+        prev_hard, _ = split_hard_easy(d_prev, splitter.tau_, None)
         easy_ids: list[str] = []
         if table is not None:
             distance = np.full(table.num_rows, np.nan)
@@ -394,14 +397,29 @@ class KKARun:
         if k > 1 and n_new and (self.layout.evaluator(1) / ConfusionEvaluator.SPLIT_FILE).is_file():
             ref = ConfusionEvaluator.load(self.layout.evaluator(1), cfg.evaluator)
             ref_hard = hard_fraction(ref.split(ref.score(z_new))[0])
-        return {"tau": float(evaluator.tau_), "threshold": cfg.evaluator.threshold, "n_new": n_new,
-                "hard_fraction_ref": ref_hard,
+        return {"tau": float(splitter.tau_), "threshold": cfg.evaluator.threshold, "n_new": n_new,
+                "split_reference": cfg.evaluator.split_reference, "split_iteration": self._split_iteration(k),
+                "hard_fraction_ref": ref_hard, "hard_fraction_current": current_hard,
                 "n_hard": int(is_hard.sum()), "n_easy": int(is_easy.sum()), "hard_fraction": hard_fraction(is_hard),
                 "n_trained_anomalies": len(prev_train), "n_val_anomalies": len(prev_val),
                 # separation of held-out normals from generated anomalies: its validation ones, and the new
                 # ones it has not been trained on
                 "evaluator_val_auroc": evaluator.val_auroc_, "evaluator_new_auroc": evaluator.auroc(z_new) if n_new else None,
                 "evaluator_final_loss": history[-1] if history else None}
+
+    def _split_iteration(self, k: int) -> int:
+        """The iteration whose evaluator splits iteration k's anomalies (``evaluator.split_reference``)."""
+        return 1 if self.cfg.evaluator.split_reference == "first" else k
+
+    def _split_evaluator(self, k: int):
+        """The saved evaluator that splits iteration k's anomalies (and scores its describer shift)."""
+        from kka_ray.evaluator import ConfusionEvaluator
+
+        path = self.layout.evaluator(self._split_iteration(k))
+        if not (path / ConfusionEvaluator.SPLIT_FILE).is_file():
+            raise RuntimeError(f"evaluator.split_reference is {self.cfg.evaluator.split_reference!r} but {path} holds no "
+                               "evaluator: start the run again in a new output directory")
+        return ConfusionEvaluator.load(path, self.cfg.evaluator)
 
     def audit(self, k: int) -> dict[str, Any]:
         """The judge's and the text audit's figures of iteration k (read by nothing in the loop)."""
@@ -564,17 +582,17 @@ class KKARun:
         return pq.read_table(path)
 
     def _describer_shift(self, k: int, before, after) -> dict[str, Any]:
-        """``describer_shift`` of update k: both sides scored by iteration k's evaluator and the judge."""
+        """``describer_shift`` of update k: both sides scored by the evaluator that split iteration k
+        (``evaluator.split_reference``) and the judge."""
         from kka_ray.data.store import kept_mask
         from kka_ray.rundir import decode_like
-        from kka_ray.evaluator import ConfusionEvaluator
         from kka_ray.guard import NormalTermMatcher, normal_terms
         from kka_ray.data.protocols import dataset_key
         from kka_ray.preference.shift import changed_share, shift_figures
 
         cfg = self.cfg
         n_samples = cfg.preference.shift_prompts * cfg.describer.samples_per_prompt
-        evaluator = ConfusionEvaluator.load(self.layout.evaluator(k), cfg.evaluator)
+        evaluator = self._split_evaluator(k)
         judge = None
         if cfg.audit.enabled:
             from kka_ray.audit.stage import _judge
@@ -612,7 +630,8 @@ class KKARun:
             "describer_drops": g.get("describer_drops", {}), "drawer_drops": g.get("drawer_drops", {}),
             "guard_drops": gd.get("drops", {}), "guard_thresholds": gd.get("thresholds", {}),
             "n_hard": e.get("n_hard", 0), "n_easy": e.get("n_easy", 0), "hard_fraction": e.get("hard_fraction", 0.0),
-            "hard_fraction_ref": e.get("hard_fraction_ref"),
+            "hard_fraction_ref": e.get("hard_fraction_ref"), "hard_fraction_current": e.get("hard_fraction_current"),
+            "split_reference": e.get("split_reference", "current"),
             "tau": e.get("tau"), "n_anomalies": u.get("n_anomalies", 0),
             # the audit (an independent judge; nothing in the loop reads it)
             "normal_leak": kept_audit.get("normal_leak"), "coverage": kept_audit.get("coverage"),

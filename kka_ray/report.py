@@ -171,7 +171,8 @@ def write_report(run_dir: str | Path) -> Path:
                         + _grid(easy[:n], "Easy (farthest)", judged, len(easy))
                         + _grid(dropped[:n], "Rejected by the normal-likeness guard", judged, len(dropped)))
     normal_names = ", ".join(normal) if normal else str(cfg.data.normal_classes or "the dataset's default class")
-    head = ["iteration", "n_generated", "n_kept", "n_anomalies", "hard_fraction", "normal_leak", "coverage",
+    head = ["iteration", "n_generated", "n_kept", "n_anomalies", "hard_fraction", "hard_fraction_ref",
+            "hard_fraction_current", "normal_leak", "coverage",
             "evaluator_new_auroc", "auroc", "aupr", "fpr95", "n_pairs", "dpo_last_loss", "cpu_seconds_per_anomaly",
             "cpu_seconds_per_hard_anomaly", "gpu_seconds_per_hard_anomaly", "cost_per_anomaly", "cost_per_hard_anomaly"]
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))  # noqa: E731
@@ -181,6 +182,9 @@ def write_report(run_dir: str | Path) -> Path:
     if currency:
         table_html += (f"<p>cost_*: {html.escape(currency)} at the run's <code>cost</code> prices (inputs, not facts: "
                        "<code>kka cost RUN --prices FILE</code> reprices the run; by stage there).</p>")
+    table_html += (f"<p>hard_fraction: the split DPO learns from, by {'iteration 1' if cfg.evaluator.split_reference == 'first' else 'each iteration'}'s "
+                   "evaluator (<code>evaluator.split_reference</code>); hard_fraction_ref: by iteration 1's (normals only), "
+                   "a fixed yardstick; hard_fraction_current: by each iteration's, trained on the anomaly set so far.</p>")
     table_html += _shift_table(metrics)
     base_html = "".join(f"<li>{html.escape(k)}: AUROC {v['auroc']*100:.2f}</li>" for k, v in baselines.items()
                         if isinstance(v, dict) and "auroc" in v)

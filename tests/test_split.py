@@ -49,19 +49,20 @@ def _store_rows(run: KKARun, k: int, images: np.ndarray, kinds: list[str]):
     run.store.write(k, pa.table(cols))
 
 
-def test_two_iterations_split_look_alikes_hard_and_far_classes_easy(tiny_cache, tmp_path):
+@pytest.mark.parametrize("reference", ["current", "first"])
+def test_two_iterations_split_look_alikes_hard_and_far_classes_easy(tiny_cache, tmp_path, reference):
     from kka_ray.data.fashion_mnist import load_fashion_mnist
 
     cfg = load_config(overrides=tiny_overrides(tiny_cache) + [
         "data.max_normal_train=2000", "knowledge.image_size=64", "evaluator.hidden_dims=[]", "evaluator.rep_dim=256",
-        "evaluator.epochs=20"])
+        "evaluator.epochs=20", f"evaluator.split_reference={reference}"])
     run = KKARun.create(cfg, str(tmp_path / "run"))
     test = load_fashion_mnist(split="test")
     rng = np.random.default_rng(0)
     started = init_ray(cfg)
     try:
         run.prep()
-        hard_shares = []
+        hard_shares, taus = [], []
         for k in (1, 2):
             picks = {c: rng.choice(np.flatnonzero(test.labels == c), 12, replace=False) for c in (SHIRT, SNEAKER, BAG)}
             kinds = ["shirt"] * 12 + ["sneaker"] * 12 + ["bag"] * 12
@@ -78,10 +79,16 @@ def test_two_iterations_split_look_alikes_hard_and_far_classes_easy(tiny_cache, 
             d = {t: np.median([r["distance"] for r in rows if r["text"].endswith(t)]) for t in ("shirt", "sneaker", "bag")}
             assert d["shirt"] < min(d["sneaker"], d["bag"]), d
             hard_shares.append(result["hard_fraction"])
+            taus.append(result["tau"])
             if k == 2:  # trained on iteration 1's anomaly set, it separates the new ones better
                 assert result["n_trained_anomalies"] + result["n_val_anomalies"] == 36
                 assert result["evaluator_new_auroc"] > 0.9
-                assert result["hard_fraction_ref"] >= result["hard_fraction"]
+                assert result["hard_fraction_ref"] >= result["hard_fraction_current"]
+                if reference == "current":
+                    assert result["hard_fraction"] == result["hard_fraction_current"] and taus[1] != taus[0]
+                else:  # iteration 1's (normals-only) evaluator splits again: its tau, its hard share
+                    assert result["split_iteration"] == 1 and taus[1] == taus[0]
+                    assert result["hard_fraction"] == result["hard_fraction_ref"]
         assert json.loads((run.dir / "sets" / "iter_2.json").read_text()) and len(hard_shares) == 2
     finally:
         if started:

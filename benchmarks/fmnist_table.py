@@ -318,6 +318,9 @@ def kka_ablation(runs: list[tuple[Path, str]]) -> dict:
                "auroc": [base.get(det, {}).get("auroc"), *[m.get("auroc") for m in metrics]]}
         for key in ("hard_fraction", "hard_fraction_ref", "normal_leak", "n_kept", "dpo_last_loss"):
             row[key] = [m.get(key) for m in metrics]
+        # runs from before evaluator.split_reference were split by each iteration's own evaluator
+        row["hard_fraction_current"] = [m.get("hard_fraction_current", m.get("hard_fraction")) for m in metrics]
+        row["split_reference"] = metrics[0].get("split_reference", "current") if metrics else "current"
         row["shift_hard_share"] = [[(m.get("describer_shift") or {}).get(side, {}).get("hard_share") for side in ("before", "after")]
                                    for m in metrics if m.get("describer_shift")]
         rows.append(row)

@@ -1,0 +1,119 @@
+"""Benchmark: which evaluator should split the new anomalies (``evaluator.split_reference``).
+
+Eq. 6 splits iteration k's new anomalies into hard and easy with a Deep SAD confusion evaluator.
+``current`` (the default) uses iteration k's evaluator, trained on the normals and the anomaly
+set so far (Eq. 5): an anomaly like an earlier one turns easy once the set holds it. ``first``
+uses iteration 1's normals-only evaluator in every iteration: hard means close to the normal data,
+whatever the set already holds. The split decides DPO's pairs (and, in ``rep``, which anomalies
+are replaced), so the two choices make different runs.
+
+For each class it runs KKA with ``first`` (the embedded default otherwise, as
+``fmnist_table.py``) and compares it with the ``current`` run of ``fmnist_table.py``, unpacked
+from ``benchmarks/results/fmnist_runs`` (or run when missing): per iteration the hard share under
+each evaluator, the describer shift, ``normal_leak`` and what the judge calls the hard anomalies;
+and Deep SAD without anomalies and after the last iteration over ``--seeds`` detector seeds.
+Writes ``benchmarks/results/split_reference.{json,md}``; the ``first`` runs are packed into
+``benchmarks/results/split_reference_runs/``.
+
+    python benchmarks/split_reference.py [--classes 0,5] [--mode add] [--iterations 3] [--seeds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from fmnist_table import RESULTS, kka_ablation, parse_classes, restore_run, run_kka  # benchmarks/
+from machine import machine
+
+REFERENCES = ("current", "first")
+
+
+def judged(run: Path) -> list[dict]:
+    """Per iteration, the judge's histogram of the hard and of the easy anomalies."""
+    path = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return [{"hard": r.get("judged_hard"), "easy": r.get("judged_easy")} for r in rows]
+
+
+def sad_seeds(run: Path, seeds: int) -> dict[str, float]:
+    """Deep SAD's mean test AUROC over ``seeds`` detector seeds, without anomalies and after the
+    last iteration (the run's own settings)."""
+    from kka_ray.tables.runner import evaluate_run
+
+    rows = evaluate_run(run, ["sad"], seeds=seeds, iterations="last", include_none=True)
+    out: dict[str, list[float]] = {}
+    for r in rows:
+        out.setdefault("none" if r["iteration"] == 0 else "kka", []).append(r["auroc"])
+    return {k: round(100 * sum(v) / len(v), 2) for k, v in out.items()} | {"n_seeds": seeds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--classes", default="0,5")
+    p.add_argument("--mode", default="add", choices=["add", "rep"])
+    p.add_argument("--iterations", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="Deep SAD seeds for the none / last-iteration figures")
+    p.add_argument("--root", default="/tmp/kka_split_reference")
+    p.add_argument("--current-archive", default=str(RESULTS / "fmnist_runs"))
+    p.add_argument("--archive", default=str(RESULTS / "split_reference_runs"))
+    args = p.parse_args(argv)
+
+    from kka_ray.cluster import init_ray
+    from kka_ray.config import load_config
+
+    start = time.perf_counter()
+    root = Path(args.root)
+    runs: dict[str, list[tuple[Path, str]]] = {ref: [] for ref in REFERENCES}
+    for c in parse_classes(args.classes):
+        current = restore_run(root / "current", c, args.mode, Path(args.current_archive))
+        if not (current / "config.yaml").is_file():
+            current = run_kka(root / "current", c, args.mode, args.iterations, [], None)
+        runs["current"].append((current, args.mode))
+        first = run_kka(root / "first", c, args.mode, args.iterations, ["evaluator.split_reference=first"],
+                        Path(args.archive))
+        runs["first"].append((first, args.mode))
+    started = init_ray(load_config(runs["first"][0][0] / "config.yaml"))
+    try:
+        sad = {ref: {run.name: sad_seeds(run, args.seeds) for run, _ in rs} for ref, rs in runs.items()}
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    out = {"machine": machine(), "mode": args.mode, "iterations": args.iterations, "seeds": args.seeds,
+           "seconds": round(time.perf_counter() - start, 1), "references": {}}
+    lines = [f"# Which evaluator splits the new anomalies (`{args.mode}`, {args.iterations} iterations)", "",
+             "hard = share of iteration k's new anomalies the splitting evaluator places among the normals; "
+             "ref = under iteration 1's (normals-only) evaluator; cur = under iteration k's. "
+             f"SAD: Deep SAD test AUROC, mean of {args.seeds} detector seeds, without anomalies and after the last iteration "
+             "(KKA(k) in-loop: one seed).", "",
+             "| reference | class | hard (split) | ref | cur | normal_leak | DPO shift (hard %) | KKA(0..k) in-loop | SAD none | SAD KKA |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    pct = lambda v: "-" if v is None else f"{100 * v:.0f}"  # noqa: E731
+    for ref, rs in runs.items():
+        ab = kka_ablation(rs)
+        for row, (run, _) in zip(ab["rows"], rs):
+            row["judged"] = judged(run)
+            row["sad_seeds"] = sad[ref][run.name]
+            lines.append(" | ".join([
+                f"| {ref}", run.name, " / ".join(pct(v) for v in row["hard_fraction"]),
+                " / ".join(pct(v) for v in row["hard_fraction_ref"]), " / ".join(pct(v) for v in row["hard_fraction_current"]),
+                " / ".join(pct(v) for v in row["normal_leak"]),
+                " / ".join(f"{pct(b)}->{pct(a)}" for b, a in row["shift_hard_share"]) or "-",
+                " / ".join("-" if v is None else f"{100 * v:.1f}" for v in row["auroc"]),
+                str(row["sad_seeds"].get("none")), str(row["sad_seeds"].get("kka")) + " |"]))
+        out["references"][ref] = ab
+    lines += ["", f"Machine: {out['machine']}. Wall time {out['seconds']:.0f} s (the `current` runs are reused)."]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "split_reference.json").write_text(json.dumps(out, indent=1))
+    (RESULTS / "split_reference.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

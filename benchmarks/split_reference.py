@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--current-archive", default=str(RESULTS / "fmnist_runs"))
     p.add_argument("--archive", default=str(RESULTS / "split_reference_runs"))
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kka_ray").setLevel(logging.INFO)
 
     from kka_ray.cluster import init_ray
     from kka_ray.config import load_config

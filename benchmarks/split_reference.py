@@ -109,6 +109,16 @@ def main(argv: list[str] | None = None) -> int:
                 " / ".join(f"{pct(b)}->{pct(a)}" for b, a in row["shift_hard_share"]) or "-",
                 " / ".join("-" if v is None else f"{100 * v:.1f}" for v in row["auroc"]),
                 str(row["sad_seeds"].get("none")), str(row["sad_seeds"].get("kka")) + " |"]))
+        m, g = ab["mean"][args.mode], ab["goals"][args.mode]
+        cur_mean = [sum(r["hard_fraction_current"][i] or 0 for r in ab["rows"]) / len(ab["rows"]) for i in range(len(m["hard_fraction"]))]
+        sad_mean = {v: round(sum(sad[ref][r["run"]][v] for r in ab["rows"]) / len(ab["rows"]), 2) for v in ("none", "kka")}
+        lines.append(" | ".join([
+            f"| **{ref}, mean** ({g['hard_share_rises']} of {g['n_full']} rising, {g['hard_fraction_within_0.1_0.9']} within 0.1-0.9)",
+            "", " / ".join(pct(v) for v in m["hard_fraction"]), " / ".join(pct(v) for v in m["hard_fraction_ref"]),
+            " / ".join(pct(v) for v in cur_mean), " / ".join(pct(v) for v in m["normal_leak"]),
+            " / ".join(f"{pct(b)}->{pct(a)}" for b, a in m["shift_hard_share"]) + f" ({g['dpo_updates_raising_hard_share']} of {g['dpo_updates']} up)",
+            " / ".join("-" if v is None else f"{100 * v:.1f}" for v in m["auroc"]), str(sad_mean["none"]), f"{sad_mean['kka']} |"]))
+        ab["sad_seeds_mean"] = sad_mean
         out["references"][ref] = ab
     lines += ["", f"Machine: {out['machine']}. Wall time {out['seconds']:.0f} s (the `current` runs are reused)."]
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -130,8 +130,8 @@ def _shift_table(metrics: list[dict[str, Any]]) -> str:
         return ""
     keys = ["kept_share", "hard_share", "hard_per_sample", "normal_leak", "coverage", "names_normal_share"]
     pct = lambda v: "-" if v is None else (f"{100 * v:.1f} %" if isinstance(v, float) else str(v))  # noqa: E731
-    out = ["<h3>What each DPO update changed (fixed held-out prompts and seeds, scored by that iteration's "
-           "evaluator and the judge)</h3><table><tr><th>update</th><th>changed texts</th>"
+    out = ["<h3>What each DPO update changed (fixed held-out prompts and seeds, scored by the evaluator "
+           "that split that iteration, and the judge)</h3><table><tr><th>update</th><th>changed texts</th>"
            + "".join(f"<th>{k}<br>before → after</th>" for k in keys) + "</tr>"]
     for k, sh in rows:
         b, a = sh.get("before", {}), sh.get("after", {})

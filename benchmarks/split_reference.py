@@ -40,6 +40,12 @@ def judged(run: Path) -> list[dict]:
     return [{"hard": r.get("judged_hard"), "easy": r.get("judged_easy")} for r in rows]
 
 
+def per_iteration(run: Path, key: str) -> list:
+    """One metric of every iteration, from the run's ``metrics.jsonl``."""
+    path = run / "metrics.jsonl"
+    return [json.loads(line).get(key) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def sad_seeds(run: Path, seeds: int) -> dict[str, float]:
     """Deep SAD's mean test AUROC over ``seeds`` detector seeds, without anomalies and after the
     last iteration (the run's own settings)."""
@@ -50,6 +56,13 @@ def sad_seeds(run: Path, seeds: int) -> dict[str, float]:
     for r in rows:
         out.setdefault("none" if r["iteration"] == 0 else "kka", []).append(r["auroc"])
     return {k: round(100 * sum(v) / len(v), 2) for k, v in out.items()} | {"n_seeds": seeds}
+
+
+def falls(values: list) -> bool:
+    """The last iteration's figure below the first's (an iteration without a hard anomaly: no figure,
+    counted as infinite)."""
+    inf = float("inf")
+    return bool(values) and (values[-1] if values[-1] is not None else inf) < (values[0] if values[0] is not None else inf)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,19 +107,22 @@ def main(argv: list[str] | None = None) -> int:
              "ref = under iteration 1's (normals-only) evaluator; cur = under iteration k's. "
              f"SAD: Deep SAD test AUROC, mean of {args.seeds} detector seeds, without anomalies and after the last iteration "
              "(KKA(k) in-loop: one seed).", "",
-             "| reference | class | hard (split) | ref | cur | normal_leak | DPO shift (hard %) | KKA(0..k) in-loop | SAD none | SAD KKA |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| reference | class | hard (split) | ref | cur | normal_leak | DPO shift (hard %) | CPU-s per hard anomaly | KKA(0..k) in-loop | SAD none | SAD KKA |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     pct = lambda v: "-" if v is None else f"{100 * v:.0f}"  # noqa: E731
     for ref, rs in runs.items():
         ab = kka_ablation(rs)
         for row, (run, _) in zip(ab["rows"], rs):
             row["judged"] = judged(run)
             row["sad_seeds"] = sad[ref][run.name]
+            row["cpu_seconds_per_hard_anomaly"] = per_iteration(run, "cpu_seconds_per_hard_anomaly")
+            row["coverage"] = per_iteration(run, "coverage")
             lines.append(" | ".join([
                 f"| {ref}", run.name, " / ".join(pct(v) for v in row["hard_fraction"]),
                 " / ".join(pct(v) for v in row["hard_fraction_ref"]), " / ".join(pct(v) for v in row["hard_fraction_current"]),
                 " / ".join(pct(v) for v in row["normal_leak"]),
                 " / ".join(f"{pct(b)}->{pct(a)}" for b, a in row["shift_hard_share"]) or "-",
+                " / ".join("-" if v is None else f"{v:.1f}" for v in row["cpu_seconds_per_hard_anomaly"]),
                 " / ".join("-" if v is None else f"{100 * v:.1f}" for v in row["auroc"]),
                 str(row["sad_seeds"].get("none")), str(row["sad_seeds"].get("kka")) + " |"]))
         m, g = ab["mean"][args.mode], ab["goals"][args.mode]
@@ -117,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             "", " / ".join(pct(v) for v in m["hard_fraction"]), " / ".join(pct(v) for v in m["hard_fraction_ref"]),
             " / ".join(pct(v) for v in cur_mean), " / ".join(pct(v) for v in m["normal_leak"]),
             " / ".join(f"{pct(b)}->{pct(a)}" for b, a in m["shift_hard_share"]) + f" ({g['dpo_updates_raising_hard_share']} of {g['dpo_updates']} up)",
+            f"falls on {sum(falls(r['cpu_seconds_per_hard_anomaly']) for r in ab['rows'])}",
             " / ".join("-" if v is None else f"{100 * v:.1f}" for v in m["auroc"]), str(sad_mean["none"]), f"{sad_mean['kka']} |"]))
         ab["sad_seeds_mean"] = sad_mean
         out["references"][ref] = ab

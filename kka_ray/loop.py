@@ -371,10 +371,12 @@ class KKARun:
             val_anomalies=inputs.anomalies(prev_val, "features"), storage_path=self.layout.ray_train,
             name=f"evaluator_iter_{k}")
         evaluator.save(self.layout.evaluator(k))
-        current_hard = hard_fraction(evaluator.split(evaluator.score(z_new))[0])
+        d_current = evaluator.score(z_new)
+        current_hard = hard_fraction(evaluator.split(d_current)[0])
         splitter = evaluator if self._split_iteration(k) == k else self._split_evaluator(k)
         z_prev = inputs.anomalies(prev, "features")
-        d_prev, d_new = splitter.score(z_prev), splitter.score(z_new)
+        d_prev = splitter.score(z_prev)
+        d_new = d_current if splitter is evaluator else splitter.score(z_new)
         is_hard, is_easy = splitter.split(d_new)
         prev_hard, _ = split_hard_easy(d_prev, splitter.tau_, None)
         easy_ids: list[str] = []
@@ -393,8 +395,8 @@ class KKARun:
         history = evaluator.state_.history
         # the same anomalies against the fixed reference of iteration 1's (one-class) evaluator: what the
         # describer's shift alone did, apart from this evaluator having learned the earlier anomalies
-        ref_hard = hard_fraction(is_hard)
-        if k > 1 and n_new and (self.layout.evaluator(1) / ConfusionEvaluator.SPLIT_FILE).is_file():
+        ref_hard = hard_fraction(is_hard)  # already iteration 1's split in iteration 1 or with split_reference first
+        if self._split_iteration(k) != 1 and n_new and (self.layout.evaluator(1) / ConfusionEvaluator.SPLIT_FILE).is_file():
             ref = ConfusionEvaluator.load(self.layout.evaluator(1), cfg.evaluator)
             ref_hard = hard_fraction(ref.split(ref.score(z_new))[0])
         return {"tau": float(splitter.tau_), "threshold": cfg.evaluator.threshold, "n_new": n_new,

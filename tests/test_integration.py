@@ -282,8 +282,10 @@ def test_a_packed_run_unpacks_elsewhere_and_evaluates_as_the_original(finished_r
     base = json.loads((moved / "baselines.json").read_text())
     assert row["auroc"] == [base[det]["auroc"] if det in base else None, *[m["auroc"] for m in metrics]]
     assert row["hard_fraction"] == [m["hard_fraction"] for m in metrics]
-    # the default split is each iteration's own evaluator's: its share is the split's
-    assert row["split_reference"] == "current" and row["hard_fraction_current"] == row["hard_fraction"]
+    # the default split is iteration 1's evaluator's in every iteration: its share is the split's,
+    # and in iteration 1 it is also the current evaluator
+    assert row["split_reference"] == "first" and row["hard_fraction_ref"] == row["hard_fraction"]
+    assert row["hard_fraction_current"][0] == row["hard_fraction"][0]
     table = fmnist_table.ablation_markdown(ablation)
     assert table.count("\n") == 3 and f"KKA({len(metrics)})" in table and "| **mean add** |" in table
     assert ablation["mean"]["add"]["hard_fraction"] == [pytest.approx(m["hard_fraction"]) for m in metrics]

@@ -10,6 +10,10 @@
 2. ``tau`` from the held-out normals' distances: their ``q``-quantile (default) or their maximum
    (``evaluator.threshold: max``, the authors' released code; one outlying normal then makes
    every generated item "hard").
+   With ``evaluator.split_reference: first`` iteration 1's evaluator is the fixed yardstick of every
+   iteration; ``evaluator.reference_hard_max`` lowers its ``tau`` (:func:`cap_threshold`) where more
+   than that share of iteration 1's new anomalies would be hard, so that the split leaves the
+   describer room to get harder.
 3. ``split``: the new anomalies, which the evaluator has not been trained on, are hard when it
    places them among the normals (``d <= tau``) and easy otherwise (optionally only the ``m``
    farthest). Hard anomalies are what the current evaluator confuses with normal data: the
@@ -57,6 +61,21 @@ def split_hard_easy(
     return is_hard, is_easy
 
 
+def cap_threshold(distances: np.ndarray, tau: float, max_share: float) -> float:
+    """``tau``, or where more than ``max_share`` of ``distances`` lie at or below it, the largest
+    distance that keeps at most ``max_share`` of them hard (``d <= tau``); just below the smallest
+    one where not even one may be hard."""
+    d = np.sort(check_distances(distances, "distances"))
+    if not 0.0 < max_share <= 1.0:
+        raise ValueError(f"max_share must be in (0, 1], got {max_share}")
+    if d.size == 0 or np.mean(d <= tau) <= max_share:
+        return float(tau)
+    j = int(np.floor(max_share * d.size + 1e-9))  # at most j of n hard
+    while 0 < j < d.size and d[j - 1] == d[j]:  # a tie across the cut: none of the tied ones hard
+        j -= 1
+    return float(d[j - 1]) if j > 0 else float(np.nextafter(d[0], -np.inf))
+
+
 def hard_fraction(is_hard: np.ndarray) -> float:
     """Share of hard anomalies (0.0 for an empty set)."""
     h = np.asarray(is_hard, dtype=bool)
@@ -83,6 +102,7 @@ class ConfusionEvaluator:
         self.seed = seed
         self.state_: Any = None  # kka_ray.detectors.deep_sad.train.DeepSADState
         self.tau_: float | None = None
+        self.tau_normals_: float | None = None  # tau from the held-out normals, before any cap
         self.heldout_distances_: np.ndarray | None = None
         self.val_auroc_: float | None = None
 
@@ -105,7 +125,7 @@ class ConfusionEvaluator:
             val = (vx, np.r_[np.zeros(len(heldout_normals)), np.ones(len(val_anomalies))])
         self.state_ = train_deep_sad(x, labels, self.cfg, storage_path=str(storage_path), name=name, seed=self.seed, val=val)
         self.heldout_distances_ = self.score(heldout_normals)
-        self.tau_ = distance_threshold(self.heldout_distances_, self.cfg.threshold, self.cfg.quantile)
+        self.tau_ = self.tau_normals_ = distance_threshold(self.heldout_distances_, self.cfg.threshold, self.cfg.quantile)
         if val is not None:
             self.val_auroc_ = separation_auroc(self.heldout_distances_, self.score(val_anomalies))
         return self
@@ -116,6 +136,15 @@ class ConfusionEvaluator:
             raise RuntimeError("the confusion evaluator is not fitted: call fit() or load() first")
         x = np.asarray(x, np.float32)
         return self.state_.score(x) if len(x) else np.zeros(0)
+
+    def cap(self, distances: np.ndarray, max_share: float) -> bool:
+        """Lower ``tau_`` so that at most ``max_share`` of ``distances`` are hard (:func:`cap_threshold`);
+        True when it moved."""
+        if self.tau_ is None:
+            raise RuntimeError("the confusion evaluator has no threshold: call fit() or load() first")
+        tau = cap_threshold(distances, self.tau_, max_share)
+        moved, self.tau_ = tau != self.tau_, tau
+        return moved
 
     def split(self, distances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(is_hard, is_easy)`` of Eq. 6 with the fitted ``tau_``."""
@@ -130,7 +159,7 @@ class ConfusionEvaluator:
     def save(self, directory: str | os.PathLike) -> None:
         """Deep SAD weights (safetensors) and ``evaluator.json`` (tau, held-out distances, validation AUROC)."""
         self.state_.save(directory)
-        meta = {"tau": self.tau_, "threshold": self.cfg.threshold, "quantile": self.cfg.quantile,
+        meta = {"tau": self.tau_, "tau_normals": self.tau_normals_, "threshold": self.cfg.threshold, "quantile": self.cfg.quantile,
                 "heldout_distances": [float(d) for d in self.heldout_distances_], "val_auroc": self.val_auroc_,
                 "easy_top_m": self.cfg.easy_top_m}
         tmp = Path(directory) / (self.SPLIT_FILE + ".tmp")
@@ -145,5 +174,6 @@ class ConfusionEvaluator:
         ev.state_ = DeepSADState.load(directory)
         meta = json.loads((Path(directory) / cls.SPLIT_FILE).read_text())
         ev.tau_, ev.val_auroc_ = float(meta["tau"]), meta.get("val_auroc")
+        ev.tau_normals_ = float(meta.get("tau_normals", meta["tau"]))
         ev.heldout_distances_ = np.asarray(meta["heldout_distances"], np.float64)
         return ev

@@ -370,8 +370,12 @@ class KKARun:
             f["train"], inputs.anomalies(prev_train, "features"), f["holdout"],
             val_anomalies=inputs.anomalies(prev_val, "features"), storage_path=self.layout.ray_train,
             name=f"evaluator_iter_{k}")
-        evaluator.save(self.layout.evaluator(k))
         d_current = evaluator.score(z_new)
+        capped = False
+        if k == 1 and cfg.evaluator.split_reference == "first" and cfg.evaluator.reference_hard_max is not None and n_new:
+            # the fixed yardstick of every iteration: not already saturated by the first round
+            capped = evaluator.cap(d_current, cfg.evaluator.reference_hard_max)
+        evaluator.save(self.layout.evaluator(k))
         current_hard = hard_fraction(evaluator.split(d_current)[0])
         splitter = evaluator if self._split_iteration(k) == k else self._split_evaluator(k)
         z_prev = inputs.anomalies(prev, "features")
@@ -399,7 +403,8 @@ class KKARun:
         if self._split_iteration(k) != 1 and n_new and (self.layout.evaluator(1) / ConfusionEvaluator.SPLIT_FILE).is_file():
             ref = ConfusionEvaluator.load(self.layout.evaluator(1), cfg.evaluator)
             ref_hard = hard_fraction(ref.split(ref.score(z_new))[0])
-        return {"tau": float(splitter.tau_), "threshold": cfg.evaluator.threshold, "n_new": n_new,
+        return {"tau": float(splitter.tau_), "tau_normals": float(splitter.tau_normals_), "tau_capped": capped or splitter.tau_ != splitter.tau_normals_,
+                "threshold": cfg.evaluator.threshold, "n_new": n_new,
                 "split_reference": cfg.evaluator.split_reference, "split_iteration": self._split_iteration(k),
                 "hard_fraction_ref": ref_hard, "hard_fraction_current": current_hard,
                 "n_hard": int(is_hard.sum()), "n_easy": int(is_easy.sum()), "hard_fraction": hard_fraction(is_hard),
@@ -634,7 +639,8 @@ class KKARun:
             "n_hard": e.get("n_hard", 0), "n_easy": e.get("n_easy", 0), "hard_fraction": e.get("hard_fraction", 0.0),
             "hard_fraction_ref": e.get("hard_fraction_ref"), "hard_fraction_current": e.get("hard_fraction_current"),
             "split_reference": e.get("split_reference", "current"),
-            "tau": e.get("tau"), "n_anomalies": u.get("n_anomalies", 0),
+            "tau": e.get("tau"), "tau_normals": e.get("tau_normals", e.get("tau")), "tau_capped": bool(e.get("tau_capped", False)),
+            "n_anomalies": u.get("n_anomalies", 0),
             # the audit (an independent judge; nothing in the loop reads it)
             "normal_leak": kept_audit.get("normal_leak"), "coverage": kept_audit.get("coverage"),
             "judged_kept": kept_audit.get("histogram"), "judged_hard": (a.get("hard") or {}).get("histogram"),

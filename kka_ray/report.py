@@ -185,6 +185,11 @@ def write_report(run_dir: str | Path) -> Path:
     table_html += (f"<p>hard_fraction: the split DPO learns from, by {'iteration 1' if cfg.evaluator.split_reference == 'first' else 'each iteration'}'s "
                    "evaluator (<code>evaluator.split_reference</code>); hard_fraction_ref: by iteration 1's (normals only), "
                    "a fixed yardstick; hard_fraction_current: by each iteration's, trained on the anomaly set so far.</p>")
+    capped = next((m for m in metrics if m.get("tau_capped")), None)
+    if capped:
+        table_html += (f"<p>tau {capped['tau']:.4g}: lowered from the held-out normals' {capped['tau_normals']:.4g} so that at most "
+                       f"{cfg.evaluator.reference_hard_max:.0%} of iteration 1's anomalies are hard "
+                       "(<code>evaluator.reference_hard_max</code>): the fixed yardstick leaves room to get harder.</p>")
     table_html += _shift_table(metrics)
     base_html = "".join(f"<li>{html.escape(k)}: AUROC {v['auroc']*100:.2f}</li>" for k, v in baselines.items()
                         if isinstance(v, dict) and "auroc" in v)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from kka_ray.config import DeepSADSection, EvaluatorSection
-from kka_ray.evaluator import distance_threshold, hard_fraction, split_hard_easy
+from kka_ray.evaluator import cap_threshold, distance_threshold, hard_fraction, split_hard_easy
 from kka_ray.detectors.deep_sad.loss import center_from_sums, deep_sad_loss
 from kka_ray.detectors.deep_sad.torch_model import (
     CNNAutoencoder,
@@ -155,6 +155,24 @@ def test_split_hard_easy_and_top_m():
     assert hard_fraction(np.zeros(0, dtype=bool)) == 0.0
 
 
+def test_cap_threshold_keeps_at_most_the_share_hard():
+    d = np.array([0.5, 3.0, 2.5, 4.0, 1.1, 10.0])  # sorted: 0.5, 1.1, 2.5, 3.0, 4.0, 10.0
+    assert cap_threshold(d, tau=2.5, max_share=0.5) == 2.5  # 3 of 6 hard: within the cap, tau stays
+    assert cap_threshold(d, tau=5.0, max_share=0.5) == 2.5  # 5 of 6 would be hard: at most 3
+    assert cap_threshold(d, tau=5.0, max_share=0.4) == 1.1  # floor(2.4) = 2 of 6
+    tau = cap_threshold(d, tau=5.0, max_share=0.1)  # not even one may be hard
+    assert tau < 0.5 and not split_hard_easy(d, tau)[0].any()
+    # a tie across the cut: 1.1 twice, at most 2 of 5 hard -> only 0.5 (never 3 of 5)
+    tied = np.array([0.5, 1.1, 1.1, 3.0, 4.0])
+    assert cap_threshold(tied, tau=5.0, max_share=0.4) == 0.5
+    for share in (0.2, 0.5, 0.6, 0.9):
+        rng = np.random.default_rng(3)
+        x = rng.gamma(2.0, size=41)
+        assert hard_fraction(split_hard_easy(x, cap_threshold(x, x.max(), share))[0]) <= share
+    with pytest.raises(ValueError, match="max_share"):
+        cap_threshold(d, 1.0, 0.0)
+
+
 # ---------------------------------------------------------------------------------------
 # Ray Train end to end
 
@@ -282,6 +300,13 @@ def test_confusion_evaluator_splits_unseen_anomalies_by_closeness(ray_two_cpus, 
     loaded = ConfusionEvaluator.load(tmp_path / "saved", cfg)
     assert np.array_equal(loaded.score(far), d_far) and loaded.tau_ == ev.tau_
     assert np.array_equal(loaded.split(d_close)[0], hard_close)
+    # a cap on the share of the close ones that may be hard lowers tau below the normals' quantile,
+    # and the saved evaluator keeps both
+    assert ev.cap(d_close, 0.3) and hard_fraction(ev.split(d_close)[0]) <= 0.3 and ev.tau_ < ev.tau_normals_
+    assert not ev.cap(d_close, 0.3)  # already within it
+    ev.save(tmp_path / "capped")
+    capped = ConfusionEvaluator.load(tmp_path / "capped", cfg)
+    assert (capped.tau_, capped.tau_normals_) == (ev.tau_, ev.tau_normals_) and capped.tau_normals_ == loaded.tau_
 
 
 @pytest.mark.slow

@@ -55,7 +55,7 @@ def test_two_iterations_split_look_alikes_hard_and_far_classes_easy(tiny_cache, 
 
     cfg = load_config(overrides=tiny_overrides(tiny_cache) + [
         "data.max_normal_train=2000", "knowledge.image_size=64", "evaluator.hidden_dims=[]", "evaluator.rep_dim=256",
-        "evaluator.epochs=20", f"evaluator.split_reference={reference}"])
+        "evaluator.epochs=20", f"evaluator.split_reference={reference}", "evaluator.reference_hard_max=0.25"])
     run = KKARun.create(cfg, str(tmp_path / "run"))
     test = load_fashion_mnist(split="test")
     rng = np.random.default_rng(0)
@@ -78,13 +78,18 @@ def test_two_iterations_split_look_alikes_hard_and_far_classes_easy(tiny_cache, 
             assert hard["shirt"] > max(hard["sneaker"], hard["bag"]), hard
             d = {t: np.median([r["distance"] for r in rows if r["text"].endswith(t)]) for t in ("shirt", "sneaker", "bag")}
             assert d["shirt"] < min(d["sneaker"], d["bag"]), d
+            if reference == "first":  # the yardstick's tau: at most the cap's share of iteration 1 hard
+                assert result["tau"] <= result["tau_normals"] and result["tau_capped"] == (result["tau"] < result["tau_normals"])
+                assert k == 2 or result["hard_fraction"] <= 0.25
+            else:  # the cap is only the fixed yardstick's
+                assert result["tau"] == result["tau_normals"] and not result["tau_capped"]
             hard_shares.append(result["hard_fraction"])
             taus.append(result["tau"])
             if k == 2:  # trained on iteration 1's anomaly set, it separates the new ones better
                 assert result["n_trained_anomalies"] + result["n_val_anomalies"] == 36
                 assert result["evaluator_new_auroc"] > 0.9
-                assert result["hard_fraction_ref"] >= result["hard_fraction_current"]
-                if reference == "current":
+                if reference == "current":  # both taus are the normals' quantile: the trained one confuses fewer
+                    assert result["hard_fraction_ref"] >= result["hard_fraction_current"]
                     assert result["hard_fraction"] == result["hard_fraction_current"] and taus[1] != taus[0]
                 else:  # iteration 1's (normals-only) evaluator splits again: its tau, its hard share
                     assert result["split_iteration"] == 1 and taus[1] == taus[0]

@@ -73,7 +73,7 @@ def main() -> int:
         "stages": stages, "stage_totals": per_kind, "machine": machine(),
         "overrides": args.overrides,
         **{key: [m.get(key) for m in metrics] for key in (
-            "auroc", "hard_fraction", "hard_fraction_ref", "n_kept", "n_generated", "normal_leak", "coverage",
+            "auroc", "hard_fraction", "hard_fraction_ref", "hard_fraction_current", "tau", "tau_normals", "n_kept", "n_generated", "normal_leak", "coverage",
             "judge_false_normal_rate", "evaluator_new_auroc", "evaluator_val_auroc", "dpo_last_loss",
             "dpo_reward_accuracy", "cpu_seconds_per_anomaly", "cpu_seconds_per_hard_anomaly", "judged_hard", "judged_easy")},
         "describer_shift": [m.get("describer_shift") for m in metrics],

@@ -371,10 +371,9 @@ class KKARun:
             val_anomalies=inputs.anomalies(prev_val, "features"), storage_path=self.layout.ray_train,
             name=f"evaluator_iter_{k}")
         d_current = evaluator.score(z_new)
-        capped = False
         if k == 1 and cfg.evaluator.split_reference == "first" and cfg.evaluator.reference_hard_max is not None and n_new:
             # the fixed yardstick of every iteration: not already saturated by the first round
-            capped = evaluator.cap(d_current, cfg.evaluator.reference_hard_max)
+            evaluator.cap(d_current, cfg.evaluator.reference_hard_max)
         evaluator.save(self.layout.evaluator(k))
         current_hard = hard_fraction(evaluator.split(d_current)[0])
         splitter = evaluator if self._split_iteration(k) == k else self._split_evaluator(k)
@@ -403,7 +402,7 @@ class KKARun:
         if self._split_iteration(k) != 1 and n_new and (self.layout.evaluator(1) / ConfusionEvaluator.SPLIT_FILE).is_file():
             ref = ConfusionEvaluator.load(self.layout.evaluator(1), cfg.evaluator)
             ref_hard = hard_fraction(ref.split(ref.score(z_new))[0])
-        return {"tau": float(splitter.tau_), "tau_normals": float(splitter.tau_normals_), "tau_capped": capped or splitter.tau_ != splitter.tau_normals_,
+        return {"tau": float(splitter.tau_), "tau_normals": float(splitter.tau_normals_), "tau_capped": splitter.tau_ != splitter.tau_normals_,
                 "threshold": cfg.evaluator.threshold, "n_new": n_new,
                 "split_reference": cfg.evaluator.split_reference, "split_iteration": self._split_iteration(k),
                 "hard_fraction_ref": ref_hard, "hard_fraction_current": current_hard,

@@ -39,32 +39,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=str(RESULTS))
     args = p.parse_args(argv)
 
-    import yaml
+    from pydantic import ValidationError
 
-    from kka_ray.config import KKAConfig
-    from kka_ray.generation.text import resolve_model_path
-    from kka_ray.knowledge.prompts import resolve_template
+    from kka_ray.config import load_config
     from kka_ray.loop import KKARun
     from kka_ray.preference.dpo import run_dpo
+    from kka_ray.rundir import RunLayout
 
     run_dir = Path(args.run)
-    if not (run_dir / "config.yaml").is_file():
+    if not RunLayout(run_dir).config.is_file():
         print(f"dpo_schedule: {run_dir} holds no config.yaml: pass a finished run directory", file=sys.stderr)
         return 2
-    cfg = KKAConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    pairs, relative, skipped = KKARun(cfg, run_dir)._dpo_pairs(args.iteration)
+    run = KKARun(load_config(RunLayout(run_dir).config), run_dir)
+    cfg = run.cfg
+    pairs, relative, skipped = run._dpo_pairs(args.iteration)
     if skipped is not None:
         print(f"dpo_schedule: iteration {args.iteration} of {run_dir} trains no DPO ({skipped})", file=sys.stderr)
         return 2
-    base = resolve_model_path(cfg.describer.model, str(cfg.paths.cache_dir()))
+    variants = json.loads(args.variants)
+    try:  # every variant checked before any training
+        pcfgs = [type(cfg.preference).model_validate({**cfg.preference.model_dump(), **{k: val for k, val in v.items() if k != "seed"}})
+                 for v in variants]
+    except ValidationError as e:
+        err = e.errors()[0]
+        print(f"dpo_schedule: --variants field preference.{'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+        return 2
+    base, job = run.dpo_job(args.iteration, prev_adapter=None)  # a fresh adapter, as iteration 1's update
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, v in enumerate(json.loads(args.variants)):
-            pcfg = cfg.preference.model_copy(update={k: val for k, val in v.items() if k != "seed"})
+        for i, (v, pcfg) in enumerate(zip(variants, pcfgs)):
             t0 = time.perf_counter()
-            m = run_dpo(base, pairs, f"{tmp}/{i}", pcfg, seed=v.get("seed", cfg.run.seed + args.iteration),
-                        device="cpu", answer_prefix=cfg.describer.answer_prefix,
-                        chat=resolve_template(cfg.describer).chat)
+            m = run_dpo(base, pairs, f"{tmp}/{i}", pcfg, **{**job, "seed": v.get("seed", job["seed"])})
             row = {**v, "steps": m["steps"], "last_loss": m["last_loss"], "train_loss": m["train_loss"],
                    "last_reward_accuracy": m.get("rewards/accuracies"),
                    "losses": [round(h["loss"], 4) for h in m["history"]],

@@ -537,23 +537,28 @@ class KKARun:
             return pairs, relative, {"n_pairs": len(pairs), "skipped": True, "reason": "fewer pairs than preference.min_pairs"}
         return pairs, relative, None
 
+    def dpo_job(self, k: int, prev_adapter: str | None) -> tuple[str, dict[str, Any]]:
+        """The describer's base model and :func:`~kka_ray.preference.dpo.run_dpo`'s keyword
+        arguments for iteration ``k``'s update (the device is resolved where the job runs)."""
+        from kka_ray.generation.text import resolve_model_path
+        from kka_ray.knowledge.prompts import resolve_template
+
+        cfg = self.cfg
+        base = resolve_model_path(cfg.describer.model, str(cfg.paths.cache_dir()))
+        return base, dict(prev_adapter=prev_adapter, answer_prefix=cfg.describer.answer_prefix, seed=cfg.run.seed + k,
+                          device=cfg.run.device, chat=resolve_template(cfg.describer).chat,
+                          trust_remote_code=cfg.describer.trust_remote_code)
+
     def _train_adapter(self, k: int, pairs: list, out: Path, prev_adapter: str | None) -> dict[str, Any]:
         """The DPO job (one Ray task, or a Ray Train job of ``preference.num_workers``) from the
         current adapter to adapter ``k`` at ``out``; returns its metrics."""
         import ray
 
         from kka_ray.cluster import one_shot_task
-        from kka_ray.generation.text import resolve_model_path
-        from kka_ray.knowledge.prompts import resolve_template
         from kka_ray.preference.dpo import dpo_remote_entry, run_dpo_ray_train
 
         cfg = self.cfg
-        base = resolve_model_path(cfg.describer.model, str(cfg.paths.cache_dir()))
-        job = dict(  # the device is resolved where the job runs, not on the driver
-            prev_adapter=prev_adapter, answer_prefix=cfg.describer.answer_prefix,
-            seed=cfg.run.seed + k, device=cfg.run.device, chat=resolve_template(cfg.describer).chat,
-            trust_remote_code=cfg.describer.trust_remote_code,
-        )
+        base, job = self.dpo_job(k, prev_adapter)
         if cfg.preference.num_workers > 1:
             return run_dpo_ray_train(base, pairs, str(out), cfg.preference, storage_path=str(self.layout.ray_train),
                                      name=f"dpo_iter_{k}", **job)
